@@ -1,0 +1,50 @@
+"""Builds the Serve application graph: ingress → (prefill, decode), with the scheduler
+and kv_store actors created on first use."""
+
+from __future__ import annotations
+
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from deployments.decode import DecodeDeployment
+from deployments.ingress import IngressDeployment
+from deployments.prefill import PrefillDeployment
+from serving.config import InferosConfig, RoleSettings
+
+APP_NAME = "inferos"
+PINNED_ROUTER = RequestRouterConfig(request_router_class="deployments.router.PinnedReplicaRouter")
+
+
+def actor_options(role: RoleSettings) -> dict:
+    return {
+        "num_cpus": role.num_cpus,
+        "num_gpus": role.num_gpus,
+        "resources": dict(role.resources),
+        # OpenMP reads this at start-up, before our torch.set_num_threads runs.
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(role.torch_threads)}},
+    }
+
+
+def build_app(config: InferosConfig) -> Application:
+    cfg = config.model_dump()
+    common = {"graceful_shutdown_timeout_s": 2, "health_check_period_s": 5}
+    prefill = PrefillDeployment.options(
+        num_replicas=config.prefill.num_replicas,
+        ray_actor_options=actor_options(config.prefill),
+        request_router_config=PINNED_ROUTER,
+        max_ongoing_requests=1024,
+        **common,
+    ).bind(cfg)
+    decode = DecodeDeployment.options(
+        num_replicas=config.decode.num_replicas,
+        ray_actor_options=actor_options(config.decode),
+        request_router_config=PINNED_ROUTER,
+        max_ongoing_requests=4096,
+        **common,
+    ).bind(cfg)
+    return IngressDeployment.options(
+        num_replicas=config.ingress.num_replicas,
+        ray_actor_options=actor_options(config.ingress),
+        max_ongoing_requests=4096,
+        **common,
+    ).bind(prefill, decode, cfg)

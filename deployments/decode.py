@@ -1,0 +1,90 @@
+"""Decode deployment: imports a prompt's KV from the store, generates with continuous
+batching, and streams every engine step's new tokens to each ingress in one message."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+from ray import serve
+
+from deployments.engine_replica import EngineReplica
+from serving.engine.engine import StepOutput
+from serving.engine.sequence import Sequence
+from serving.kv.block_format import KVPayload
+from serving.messages import DecodeRequest, Role, TokenDelta
+
+
+class DecodeServer(EngineReplica):
+    role = Role.DECODE
+
+    async def __init__(self, config: dict):
+        self._queues: dict[str, asyncio.Queue[list[TokenDelta]]] = {}
+        self._subscriber_of: dict[str, str] = {}  # req_id → ingress replica id
+        await self._start_engine(config)
+        self.num_imported = 0
+
+    def _queue(self, subscriber_id: str) -> asyncio.Queue[list[TokenDelta]]:
+        return self._queues.setdefault(subscriber_id, asyncio.Queue())
+
+    def _on_outputs(self, outputs: list[StepOutput]) -> None:
+        by_subscriber: dict[str, list[TokenDelta]] = {}
+        for out in outputs:
+            subscriber = self._subscriber_of.get(out.req_id)
+            if subscriber is None:  # aborted meanwhile
+                continue
+            if out.finished:
+                del self._subscriber_of[out.req_id]
+            by_subscriber.setdefault(subscriber, []).append(
+                TokenDelta(
+                    out.req_id, out.new_token_ids, out.finished, out.finish_reason, out.error
+                )
+            )
+        for subscriber, deltas in by_subscriber.items():
+            self._queue(subscriber).put_nowait(deltas)
+
+    async def submit(self, req: DecodeRequest, replica_id: str | None = None) -> str | None:
+        """Start decoding `req`; returns an error message instead of raising."""
+        if replica_id is not None and replica_id != self.replica_id:
+            return f"request for decode replica {replica_id} reached {self.replica_id}"
+        stored = await self.kv_store.get.remote(req.kv_key, self.replica_id)
+        if stored is None:
+            return f"KV {req.kv_key} is not in the kv_store"
+        blocks = await asyncio.gather(*stored.blocks)  # zero-copy reads on the same node
+        payload = KVPayload(stored.layout, stored.num_tokens, list(blocks))
+        self.metrics.kv_transfer_bytes.inc(payload.num_bytes)
+        self.num_imported += 1
+        self._subscriber_of[req.req_id] = req.subscriber_id
+        self.thread.add(
+            Sequence(
+                req.req_id,
+                list(req.prompt_token_ids),
+                req.params,
+                output_token_ids=[req.first_token_id],
+                kv_import=payload,
+            )
+        )
+        return None
+
+    async def abort(self, req_id: str, replica_id: str | None = None) -> None:
+        self._subscriber_of.pop(req_id, None)
+        self.thread.abort(req_id)
+
+    async def stream(
+        self, subscriber_id: str, replica_id: str | None = None
+    ) -> AsyncGenerator[list[TokenDelta], None]:
+        """One long-lived stream per ingress replica: each item is every delta of one or
+        more engine steps, so the per-item cost is paid per step, not per token."""
+        queue = self._queue(subscriber_id)
+        yield []  # tells the caller the stream is attached
+        while True:
+            batch = await queue.get()
+            while not queue.empty():
+                batch.extend(queue.get_nowait())
+            yield batch
+
+    async def stats(self) -> dict:
+        return await super().stats() | {"num_imported": self.num_imported}
+
+
+DecodeDeployment = serve.deployment(DecodeServer, name="decode")

@@ -1,0 +1,111 @@
+"""What prefill and decode replicas share: model loading, the engine thread, metrics and
+the periodic load report to the scheduler actor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+import torch
+from ray import serve
+
+from deployments.actors import kv_store_actor, scheduler_actor
+from serving.config import InferosConfig, RoleSettings
+from serving.engine.engine import LLMEngine, StepOutput, StepStats
+from serving.engine.engine_thread import EngineThread
+from serving.messages import ReplicaLoad, Role
+from serving.metrics import EngineMetrics
+from serving.models.hf_folder import resolve_model_path, served_model_name
+from serving.models.loader import load_model, parse_dtype
+
+logger = logging.getLogger(__name__)
+
+REPORT_PERIOD_S = 0.25
+STEP_TIME_EWMA = 0.2
+
+
+class EngineReplica:
+    role: Role
+
+    async def _start_engine(self, config: dict) -> None:
+        self.config = InferosConfig.model_validate(config)
+        settings: RoleSettings = getattr(self.config, self.role.value)
+        torch.set_num_threads(settings.torch_threads)
+        path = resolve_model_path(self.config.model.path)
+        self.model_name = self.config.model.served_model_name or served_model_name(path)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        model = load_model(
+            path, parse_dtype(self.config.model.dtype), self.config.model.max_model_len + 1
+        )
+        self.engine = LLMEngine(model, self.config.engine_config(), model.arch.eos_token_ids)
+        self.metrics = EngineMetrics(self.model_name, self.role.value, self.replica_id)
+        self.metrics.kv_blocks_total.set(self.engine.config.num_blocks)
+        self.step_time_s = 0.0
+        self.scheduler = scheduler_actor(config)
+        self.kv_store = kv_store_actor(config)
+        self.thread = EngineThread(
+            self.engine, asyncio.get_running_loop(), self._on_outputs, self._on_step
+        )
+        self._report_task = asyncio.create_task(self._report_loop())
+        logger.info(
+            "%s replica %s ready (pid %d, %d torch threads)",
+            self.role.value,
+            self.replica_id,
+            os.getpid(),
+            settings.torch_threads,
+        )
+
+    def _on_step(self, stats: StepStats) -> None:
+        """Engine thread: per-step metrics (prometheus_client is thread-safe)."""
+        self.metrics.iteration_tokens.observe(stats.num_tokens)
+        self.metrics.batch_size.observe(stats.num_seqs)
+        self.metrics.step_seconds.observe(stats.duration_s)
+        self.step_time_s += STEP_TIME_EWMA * (stats.duration_s - self.step_time_s)
+
+    def _on_outputs(self, outputs: list[StepOutput]) -> None:
+        raise NotImplementedError
+
+    def _load(self) -> ReplicaLoad:
+        engine = self.engine
+        self.metrics.running.set(engine.num_running)
+        self.metrics.waiting.set(engine.num_waiting)
+        self.metrics.kv_usage.set(engine.kv_usage)
+        self.metrics.kv_blocks_used.set(engine.block_pool.num_used_blocks)
+        self.metrics.preemptions.inc(engine.num_preemptions - self._preemptions_reported)
+        self._preemptions_reported = engine.num_preemptions
+        return ReplicaLoad(
+            role=self.role,
+            replica_id=self.replica_id,
+            num_running=engine.num_running,
+            num_waiting=engine.num_waiting,
+            kv_usage=engine.kv_usage,
+            step_time_s=self.step_time_s,
+            metrics_text=self.metrics.exposition(),
+        )
+
+    _preemptions_reported = 0
+
+    async def _report_loop(self) -> None:
+        while True:
+            try:
+                await self.scheduler.report.remote(self._load())
+            except Exception:  # the scheduler restarting must not kill the replica
+                logger.warning("load report to the scheduler failed", exc_info=True)
+            await asyncio.sleep(REPORT_PERIOD_S)
+
+    async def stats(self) -> dict:
+        """Engine counters for tests and the control API."""
+        return {
+            "replica_id": self.replica_id,
+            "role": self.role.value,
+            "num_running": self.engine.num_running,
+            "num_waiting": self.engine.num_waiting,
+            "kv_blocks_used": self.engine.block_pool.num_used_blocks,
+            "kv_blocks_total": self.engine.config.num_blocks,
+            "pid": os.getpid(),
+        }
+
+    def check_health(self) -> None:
+        if not self.thread._thread.is_alive():
+            raise RuntimeError("engine thread died")

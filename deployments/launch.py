@@ -1,0 +1,70 @@
+"""Start a local Ray cluster (or join RAY_ADDRESS), run the app, wait until it answers.
+
+Used by `inferos serve` and by the integration tests, so both exercise the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import httpx
+import ray
+from ray import serve
+
+from deployments.actors import NAMESPACE, kill_singletons
+from deployments.app import APP_NAME, build_app
+from serving.config import InferosConfig
+from serving.models.hf_folder import resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+def start_ray(num_cpus: int | None = None) -> None:
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=NAMESPACE)
+    else:
+        ray.init(
+            num_cpus=num_cpus or max(os.cpu_count() or 2, 2),
+            namespace=NAMESPACE,
+            include_dashboard=False,
+            log_to_driver=os.environ.get("INFEROS_RAY_LOG_TO_DRIVER", "1") == "1",
+        )
+
+
+def run_app(config: InferosConfig, timeout_s: float = 600.0) -> str:
+    """Deploy the app and block until /health answers 200; returns the base URL."""
+    resolve_model_path(config.model.path)  # convert the default model once, before replicas race
+    start_ray()
+    serve.start(http_options={"host": config.server.host, "port": config.server.port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{config.server.host}:{config.server.port}"
+    wait_healthy(url, timeout_s)
+    return url
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            r = httpx.get(f"{url}/health", timeout=10)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(1.0)
+    raise TimeoutError(f"{url}/health not ready after {timeout_s:.0f}s (last: {last})")
+
+
+def shutdown() -> None:
+    try:
+        serve.shutdown()
+    finally:
+        kill_singletons()
+        ray.shutdown()

@@ -1,0 +1,79 @@
+"""Prefill deployment: runs prompts, samples the first token, puts the prompt's KV blocks
+into the object store and registers them with the `kv_store` actor."""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+from ray import serve
+
+from deployments.engine_replica import EngineReplica
+from serving.engine.engine import StepOutput
+from serving.engine.sequence import Sequence
+from serving.kv.block_format import KVPayload
+from serving.messages import PrefillRequest, PrefillResult, Role
+
+
+class PrefillServer(EngineReplica):
+    role = Role.PREFILL
+
+    async def __init__(self, config: dict):
+        self._pending: dict[str, asyncio.Future[StepOutput]] = {}
+        await self._start_engine(config)
+        self.num_prefills = 0
+        self.num_prompt_tokens = 0
+
+    def _on_outputs(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            fut = self._pending.pop(out.req_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(out)
+
+    async def prefill(self, req: PrefillRequest, replica_id: str | None = None) -> PrefillResult:
+        fut: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()
+        self._pending[req.req_id] = fut
+        self.thread.add(
+            Sequence(req.req_id, list(req.prompt_token_ids), req.params, export_kv=True)
+        )
+        try:
+            out = await fut
+        except asyncio.CancelledError:
+            self._pending.pop(req.req_id, None)
+            self.thread.abort(req.req_id)
+            raise
+        self.num_prefills += 1
+        self.num_prompt_tokens += len(req.prompt_token_ids)
+        if out.error is not None:
+            return PrefillResult(
+                req.req_id, None, True, "error", None, 0, self.replica_id, out.error
+            )
+        kv_key = None
+        num_blocks = 0
+        if not out.finished and out.kv_export is not None:
+            exported = out.kv_export
+            payload = KVPayload(
+                exported.layout, exported.num_tokens, [ray.put(b) for b in exported.blocks]
+            )
+            kv_key = f"kv-{req.req_id}"
+            num_blocks = payload.num_blocks
+            self.metrics.kv_transfer_bytes.inc(payload.num_bytes)
+            await self.kv_store.put.remote(kv_key, payload, self.replica_id)
+        return PrefillResult(
+            req_id=req.req_id,
+            first_token_id=out.new_token_ids[0],
+            finished=out.finished,
+            finish_reason=out.finish_reason,
+            kv_key=kv_key,
+            num_kv_blocks=num_blocks,
+            replica_id=self.replica_id,
+        )
+
+    async def stats(self) -> dict:
+        return await super().stats() | {
+            "num_prefills": self.num_prefills,
+            "num_prompt_tokens": self.num_prompt_tokens,
+        }
+
+
+PrefillDeployment = serve.deployment(PrefillServer, name="prefill")

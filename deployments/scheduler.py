@@ -1,0 +1,100 @@
+"""The `scheduler` actor: the one place routing decisions are made.
+
+Replicas report their load every few hundred milliseconds (and push their metrics text
+with it); the ingress asks `route()` for each request and says `finished()` at the end.
+The decision itself is `policies.routing` (pure); this actor only keeps the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from policies.routing import ReplicaState, is_alive, least_loaded
+from serving.config import InferosConfig
+from serving.messages import ReplicaLoad, Role, RoutePlan
+from serving.metrics import SchedulerMetrics
+
+logger = logging.getLogger(__name__)
+
+STALE_AFTER_S = 10.0
+
+
+class SchedulerActor:
+    def __init__(self, config: dict):
+        cfg = InferosConfig.model_validate(config)
+        self.replicas: dict[Role, dict[str, ReplicaState]] = {Role.PREFILL: {}, Role.DECODE: {}}
+        self.metrics_texts_by_replica: dict[str, str] = {}
+        self.assignments: dict[str, tuple[str | None, str]] = {}  # req_id → (prefill, decode)
+        self.metrics = SchedulerMetrics(cfg.model.served_model_name or "default")
+        self.num_routed = 0
+
+    async def report(self, load: ReplicaLoad) -> None:
+        pool = self.replicas[load.role]
+        state = pool.get(load.replica_id)
+        if state is None:
+            logger.info("%s replica %s registered", load.role.value, load.replica_id)
+            state = pool[load.replica_id] = ReplicaState(load.replica_id)
+        state.num_running, state.num_waiting = load.num_running, load.num_waiting
+        state.kv_usage, state.step_time_s = load.kv_usage, load.step_time_s
+        state.last_report_s = time.time()
+        if load.metrics_text:
+            self.metrics_texts_by_replica[load.replica_id] = load.metrics_text
+
+    def _alive(self, role: Role) -> dict[str, ReplicaState]:
+        now = time.time()
+        return {k: v for k, v in self.replicas[role].items() if is_alive(v, now, STALE_AFTER_S)}
+
+    async def route(self, req_id: str, num_prompt_tokens: int) -> RoutePlan | None:
+        """Pick a prefill and a decode replica, or None when no decode replica is up."""
+        decode = least_loaded(self._alive(Role.DECODE))
+        if decode is None:
+            return None
+        prefill = least_loaded(self._alive(Role.PREFILL))
+        self.replicas[Role.DECODE][decode].num_assigned += 1
+        if prefill is not None:
+            self.replicas[Role.PREFILL][prefill].num_assigned += 1
+        self.assignments[req_id] = (prefill, decode)
+        self.num_routed += 1
+        self.metrics.decision("disaggregated" if prefill else "colocated")
+        return RoutePlan(req_id=req_id, prefill_replica=prefill, decode_replica=decode)
+
+    async def prefill_done(self, req_id: str) -> None:
+        prefill, decode = self.assignments.get(req_id, (None, ""))
+        if prefill is not None and prefill in self.replicas[Role.PREFILL]:
+            self.replicas[Role.PREFILL][prefill].num_assigned -= 1
+            self.assignments[req_id] = (None, decode)
+
+    async def finished(self, req_id: str) -> None:
+        await self.prefill_done(req_id)
+        _, decode = self.assignments.pop(req_id, (None, ""))
+        if decode in self.replicas[Role.DECODE]:
+            self.replicas[Role.DECODE][decode].num_assigned -= 1
+
+    async def forget(self, replica_id: str) -> None:
+        """A caller saw this replica die: stop routing to it until it reports again."""
+        for pool in self.replicas.values():
+            pool.pop(replica_id, None)
+        self.metrics_texts_by_replica.pop(replica_id, None)
+
+    async def snapshot(self) -> dict:
+        return {
+            role.value: {rid: _state_dict(s) for rid, s in pool.items()}
+            for role, pool in self.replicas.items()
+        } | {"num_routed": self.num_routed, "in_flight": len(self.assignments)}
+
+    async def metrics_texts(self) -> list[str]:
+        live = {rid for pool in self.replicas.values() for rid in pool}
+        texts = [t for rid, t in self.metrics_texts_by_replica.items() if rid in live]
+        return [*texts, self.metrics.exposition()]
+
+
+def _state_dict(s: ReplicaState) -> dict:
+    return {
+        "num_running": s.num_running,
+        "num_waiting": s.num_waiting,
+        "num_assigned": s.num_assigned,
+        "kv_usage": s.kv_usage,
+        "step_time_s": s.step_time_s,
+        "last_report_s": s.last_report_s,
+    }

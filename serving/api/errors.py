@@ -1,0 +1,63 @@
+"""Typed serving errors and their OpenAI-shaped bodies."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class ServeError(Exception):
+    http_status = 500
+    error_type = "internal_server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+class BadRequest(ServeError):
+    http_status = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(BadRequest):
+    code = "context_length_exceeded"
+
+
+class Unauthorized(ServeError):
+    http_status = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class UnknownModel(ServeError):
+    http_status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class TooManyRequests(ServeError):
+    http_status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+    retry_after_s = 1
+
+
+class Unavailable(ServeError):
+    http_status = 503
+    error_type = "service_unavailable"
+    code = "service_unavailable"
+
+
+def error_body(message: str, error_type: str, param: str | None, code: str | int | None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def status_phrase(status: int) -> str:
+    return HTTPStatus(status).phrase

@@ -1,0 +1,82 @@
+"""Builders for OpenAI response bodies and SSE stream chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from serving.api.errors import error_body
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+@dataclass(slots=True)
+class ResponseBuilder:
+    """Shapes one request's output as a completion or a chat completion."""
+
+    request_id: str
+    model: str
+    chat: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _envelope(self, stream: bool) -> dict:
+        if self.chat:
+            obj = "chat.completion.chunk" if stream else "chat.completion"
+        else:
+            obj = "text_completion"
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, text: str, finish_reason: str | None, usage: Usage) -> dict:
+        if self.chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return self._envelope(False) | {"choices": [choice], "usage": usage.as_dict()}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+        if self.chat:
+            delta: dict = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {
+                "index": 0,
+                "text": text or "",
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        return sse(self._envelope(True) | {"choices": [choice]})
+
+    def usage_chunk(self, usage: Usage) -> str:
+        return sse(self._envelope(True) | {"choices": [], "usage": usage.as_dict()})
+
+
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def sse_error(message: str, error_type: str, code: int | str) -> str:
+    return sse(error_body(message, error_type, None, code))
+
+
+SSE_DONE = "data: [DONE]\n\n"

@@ -1,0 +1,119 @@
+"""`inferos serve | bench | models pull` — the project's one command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+
+from serving.config import InferosConfig
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with InferosConfig fields")
+    p.add_argument(
+        "--model", help="local HF folder of a Llama-family model (default: SmolLM2-135M-Instruct)"
+    )
+    p.add_argument("--served-model-name")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--prefill-replicas", type=int)
+    p.add_argument("--decode-replicas", type=int)
+    p.add_argument("--api-key")
+
+
+def build_config(args: argparse.Namespace) -> InferosConfig:
+    cfg = InferosConfig.from_yaml(args.config) if args.config else InferosConfig()
+    data = cfg.model_dump()
+    overrides = {
+        ("model", "path"): args.model,
+        ("model", "served_model_name"): args.served_model_name,
+        ("model", "dtype"): args.dtype,
+        ("model", "max_model_len"): args.max_model_len,
+        ("server", "host"): args.host,
+        ("server", "port"): args.port,
+        ("server", "api_key"): args.api_key,
+        ("prefill", "num_replicas"): args.prefill_replicas,
+        ("decode", "num_replicas"): args.decode_replicas,
+    }
+    for (section, key), value in overrides.items():
+        if value is not None:
+            data[section][key] = value
+    return InferosConfig.model_validate(data)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deployments.launch import run_app, shutdown
+
+    config = build_config(args)
+    print(f"starting Infer-OS Serve ({config.model.path or 'default model'}) ...", flush=True)
+    try:
+        url = run_app(config)
+        print(
+            f"\nInfer-OS Serve is ready: {url}/v1  (OpenAI API; health: {url}/health, metrics: {url}/metrics)\n",
+            flush=True,
+        )
+        stop = False
+
+        def _stop(*_: object) -> None:
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        while not stop:
+            time.sleep(0.5)
+    finally:
+        print("shutting down ...", flush=True)
+        shutdown()
+    return 0
+
+
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from serving.models.pull import run_pull
+
+    return run_pull(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from serving.bench.cli import run
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    return run(args)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inferos", description="Infer-OS Serve")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_p = sub.add_parser("serve", help="serve a model with the OpenAI-compatible API")
+    _serve_args(serve_p)
+    serve_p.set_defaults(func=cmd_serve)
+
+    from serving.bench.cli import add_arguments
+
+    bench_p = sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint")
+    add_arguments(bench_p)
+    bench_p.set_defaults(func=cmd_bench)
+
+    models_p = sub.add_parser("models", help="manage local models")
+    models_sub = models_p.add_subparsers(dest="models_command", required=True)
+    pull_p = models_sub.add_parser("pull", help="install and convert the default model (offline)")
+    pull_p.add_argument("--force", action="store_true", help="convert again even if present")
+    pull_p.set_defaults(func=cmd_models_pull)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    args = make_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""User-facing settings (YAML file and CLI flags), validated with pydantic.
+
+`inferos serve --config FILE` reads the YAML; flags override single fields. The whole
+`InferosConfig` travels to every deployment as a plain dict and is re-validated there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from serving.engine.engine import EngineConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Strict):
+    path: str | None = Field(
+        None, description="Local HF folder of a Llama-family model; None = the default model"
+    )
+    served_model_name: str | None = Field(
+        None, description="Name in /v1/models; default: folder name"
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "bfloat16", description="Weight dtype; bfloat16 halves the bytes read per decode step"
+    )
+    max_model_len: PositiveInt = Field(2048, description="Prompt + generated tokens per request")
+
+
+class KVCacheSettings(_Strict):
+    block_size: Literal[8, 16, 32] = 16
+    num_blocks: PositiveInt = Field(1024, description="KV blocks per engine (prefill and decode)")
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    store_budget_bytes: PositiveInt = Field(
+        2 * 1024**3,
+        description="Bytes of KV the kv_store keeps referenced before dropping the oldest",
+    )
+
+
+class SchedulingSettings(_Strict):
+    max_num_seqs: PositiveInt = Field(64, description="Sequences in one decode batch")
+    max_num_batched_tokens: PositiveInt = Field(4096, description="Tokens in one prefill step")
+    max_pending_requests: PositiveInt = Field(
+        256, description="Requests admitted at once by the ingress; beyond them 429"
+    )
+    stream_interval: PositiveInt = Field(
+        1, description="Engine steps per streamed chunk (like vLLM's --stream-interval)"
+    )
+
+
+class RoleSettings(_Strict):
+    num_replicas: PositiveInt = 1
+    num_cpus: float = Field(
+        0.5, ge=0, description="Ray CPUs reserved per replica (fractional is fine)"
+    )
+    num_gpus: float = Field(0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict, description='e.g. {"NPU": 1}')
+    torch_threads: PositiveInt = Field(2, description="torch intra-op threads in this replica")
+
+
+class ServerSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = Field(
+        None, description="If set, requests need 'Authorization: Bearer KEY'"
+    )
+
+
+class InferosConfig(_Strict):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    kv_cache: KVCacheSettings = Field(default_factory=KVCacheSettings)
+    scheduling: SchedulingSettings = Field(default_factory=SchedulingSettings)
+    prefill: RoleSettings = Field(default_factory=RoleSettings)
+    decode: RoleSettings = Field(default_factory=RoleSettings)
+    ingress: RoleSettings = Field(
+        default_factory=lambda: RoleSettings(num_cpus=0.1, torch_threads=1)
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @model_validator(mode="after")
+    def _blocks_cover_a_request(self) -> InferosConfig:
+        tokens = self.kv_cache.num_blocks * self.kv_cache.block_size
+        if tokens < self.model.max_model_len:
+            raise ValueError(
+                f"kv_cache.num_blocks * block_size = {tokens} tokens cannot hold one request of "
+                f"model.max_model_len = {self.model.max_model_len}"
+            )
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> InferosConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(data)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            num_blocks=self.kv_cache.num_blocks,
+            block_size=self.kv_cache.block_size,
+            max_num_seqs=self.scheduling.max_num_seqs,
+            max_num_batched_tokens=self.scheduling.max_num_batched_tokens,
+            max_model_len=self.model.max_model_len,
+            kv_dtype=self.kv_cache.dtype,
+        )

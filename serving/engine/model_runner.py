@@ -1,0 +1,88 @@
+"""Owns the model and the KV cache tensor; turns a scheduled batch into next-token logits."""
+
+from __future__ import annotations
+
+import torch
+
+from serving.engine.scheduler import SchedulerOutput
+from serving.kv.block_format import KVLayout, KVPayload
+from serving.models.attention import AttentionMetadata
+from serving.models.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(
+        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype
+    ):
+        arch = model.arch
+        self.model = model
+        self.block_size = block_size
+        self.layout = KVLayout(
+            num_layers=arch.num_layers,
+            num_kv_heads=arch.num_kv_heads,
+            head_dim=arch.head_dim,
+            block_size=block_size,
+            dtype=str(kv_dtype).removeprefix("torch."),
+        )
+        # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_cache = torch.zeros(
+            (arch.num_layers, 2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim),
+            dtype=kv_dtype,
+        )
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv_cache.numel() * self.kv_cache.element_size()
+
+    def _prepare(
+        self, batch: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        for seq, n in zip(batch.seqs, batch.num_scheduled_tokens, strict=True):
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids(start, start + n))
+            table = seq.block_table
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            context_lens.append(start + n)
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.long)
+        for i, seq in enumerate(batch.seqs):
+            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            block_tables=tables,
+            context_lens=torch.tensor(context_lens, dtype=torch.long),
+            query_lens=list(batch.num_scheduled_tokens),
+            context_lens_list=context_lens,
+            all_decode=not batch.is_prefill,
+        )
+        return torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions), meta
+
+    @torch.inference_mode()
+    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
+        """fp32 logits `[num_seqs, vocab]` at each sequence's last scheduled token."""
+        input_ids, positions, meta = self._prepare(batch)
+        hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        last = torch.tensor(meta.query_lens).cumsum(0) - 1
+        return self.model.compute_logits(hidden[last])
+
+    # --- KV exchange -------------------------------------------------------------------
+    def export_blocks(self, block_table: list[int], num_tokens: int) -> KVPayload:
+        """Copy the blocks holding the first `num_tokens` tokens out of the pool."""
+        n = -(-num_tokens // self.block_size)
+        blocks = [self.kv_cache[:, :, b].clone() for b in block_table[:n]]
+        return KVPayload(layout=self.layout, num_tokens=num_tokens, blocks=blocks)
+
+    def import_blocks(self, block_table: list[int], payload: KVPayload) -> None:
+        if payload.layout != self.layout:
+            raise ValueError(
+                f"KV layout {payload.layout} does not match this engine's {self.layout}"
+            )
+        for b, block in zip(block_table, payload.blocks, strict=False):
+            self.kv_cache[:, :, b].copy_(block)

@@ -1,0 +1,38 @@
+"""Every environment variable Infer-OS Serve reads, typed, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def inferos_home() -> Path:
+    """Cache root for converted models, spill files and benchmark output."""
+    return Path(os.environ.get("INFEROS_HOME", Path.home() / ".cache" / "inferos")).expanduser()
+
+
+def default_model_dir() -> Path:
+    return inferos_home() / "models" / DEFAULT_MODEL_NAME
+
+
+def torch_threads(default: int) -> int:
+    """Threads one engine process may use; capped so replicas on a small box don't fight."""
+    return int(os.environ.get("INFEROS_TORCH_THREADS", default))
+
+
+def admin_token() -> str | None:
+    return os.environ.get("INFEROS_ADMIN_TOKEN") or None
+
+
+def shared_data_dir() -> Path:
+    """`../shared/data` beside the checkout, where WikiText-2 lives (never committed here)."""
+    override = os.environ.get("INFEROS_SHARED_DATA")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def wikitext_path() -> Path:
+    return shared_data_dir() / "wikitext2-dev.txt"

@@ -1,0 +1,74 @@
+"""What the deployments send each other (plain dataclasses, pickled by Ray)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from serving.engine.sampling_params import SamplingParams
+
+
+class Role(str, enum.Enum):
+    INGRESS = "ingress"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillRequest:
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    req_id: str
+    first_token_id: int | None
+    finished: bool
+    finish_reason: str | None
+    kv_key: str | None  # where the prompt's KV sits in the kv_store
+    num_kv_blocks: int
+    replica_id: str
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest:
+    req_id: str
+    prompt_token_ids: list[int]
+    first_token_id: int
+    params: SamplingParams
+    kv_key: str
+    subscriber_id: str  # the ingress replica whose stream carries this request's tokens
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    req_id: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLoad:
+    """A replica's periodic report to the scheduler actor."""
+
+    role: Role
+    replica_id: str
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    step_time_s: float  # EWMA of recent engine step durations
+    metrics_text: str = ""
+    reported_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    req_id: str
+    prefill_replica: str | None  # None: prefill on the decode replica
+    decode_replica: str

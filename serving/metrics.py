@@ -1,0 +1,235 @@
+"""Every Prometheus instrument of Infer-OS Serve, in one place.
+
+Names follow vLLM's (`vllm:` → `inferos:`) where the meaning is the same, with vLLM's
+bucket boundaries so its dashboards transfer. Each process owns a registry; replicas push
+their exposition text to the scheduler actor and the ingress merges all of them into one
+`/metrics` page (`merge_expositions`). Labels stay bounded: model, role, replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+P = "inferos:"
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+E2E_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+ITERATION_TOKENS_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048, 4096)
+STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+LABELS = ("model", "role", "replica")
+
+
+class _Instruments:
+    def __init__(self, model: str, role: str, replica: str):
+        self.registry = CollectorRegistry()
+        self.labels = {"model": model, "role": role, "replica": replica}
+
+    def _counter(self, name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+        return Counter(P + name, doc, LABELS + extra, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str) -> Gauge:
+        return Gauge(P + name, doc, LABELS, registry=self.registry)
+
+    def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+        return Histogram(P + name, doc, LABELS, buckets=buckets, registry=self.registry)
+
+    def exposition(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+class FrontendMetrics(_Instruments):
+    """Request-level metrics, measured where the client's stream is (the ingress)."""
+
+    def __init__(self, model: str, replica: str):
+        super().__init__(model, "ingress", replica)
+        lb = self.labels
+        self.ttft = self._histogram(
+            "time_to_first_token_seconds", "Time to first token.", TTFT_BUCKETS
+        ).labels(**lb)
+        self.itl = self._histogram(
+            "inter_token_latency_seconds", "Time between output tokens.", ITL_BUCKETS
+        ).labels(**lb)
+        self.e2e = self._histogram(
+            "e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS
+        ).labels(**lb)
+        self.prompt_tokens = self._counter("prompt_tokens", "Prefill tokens processed.").labels(
+            **lb
+        )
+        self.generation_tokens = self._counter(
+            "generation_tokens", "Generation tokens processed."
+        ).labels(**lb)
+        self._success = self._counter(
+            "request_success", "Successfully finished requests.", ("finished_reason",)
+        )
+        self._errors = self._counter(
+            "request_errors", "Requests answered with an error.", ("code",)
+        )
+        self.in_flight = self._gauge(
+            "ingress_requests_in_flight", "Requests admitted by the ingress."
+        ).labels(**lb)
+
+    def success(self, finished_reason: str) -> None:
+        self._success.labels(**self.labels, finished_reason=finished_reason).inc()
+
+    def error(self, status_code: int) -> None:
+        self._errors.labels(**self.labels, code=str(status_code)).inc()
+
+
+class EngineMetrics(_Instruments):
+    """Engine-level metrics of one prefill or decode replica."""
+
+    def __init__(self, model: str, role: str, replica: str):
+        super().__init__(model, role, replica)
+        lb = self.labels
+        self.running = self._gauge(
+            "num_requests_running", "Requests in the engine's batch."
+        ).labels(**lb)
+        self.waiting = self._gauge(
+            "num_requests_waiting", "Requests waiting for the engine."
+        ).labels(**lb)
+        self.kv_usage = self._gauge(
+            "kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."
+        ).labels(**lb)
+        self.kv_blocks_used = self._gauge("kv_cache_blocks_used", "KV blocks in use.").labels(**lb)
+        self.kv_blocks_total = self._gauge(
+            "kv_cache_blocks_total", "KV blocks in the pool."
+        ).labels(**lb)
+        self.iteration_tokens = self._histogram(
+            "iteration_tokens_total", "Tokens computed per engine step.", ITERATION_TOKENS_BUCKETS
+        ).labels(**lb)
+        self.batch_size = self._histogram(
+            "engine_batch_size", "Sequences per engine step.", ITERATION_TOKENS_BUCKETS
+        ).labels(**lb)
+        self.step_seconds = self._histogram(
+            "engine_step_seconds", "Duration of one engine step.", STEP_SECONDS_BUCKETS
+        ).labels(**lb)
+        self.preemptions = self._counter("num_preemptions", "Sequences preempted.").labels(**lb)
+        self.kv_transfer_bytes = self._counter(
+            "kv_transfer_bytes", "KV bytes exported to or imported from the store."
+        ).labels(**lb)
+
+
+class StoreMetrics(_Instruments):
+    def __init__(self, model: str):
+        super().__init__(model, "kv_store", "0")
+        lb = self.labels
+        self.sequences = self._gauge(
+            "kv_store_sequences", "Sequences whose KV the store holds."
+        ).labels(**lb)
+        self.blocks = self._gauge("kv_store_blocks", "KV blocks referenced by the store.").labels(
+            **lb
+        )
+        self.bytes = self._gauge("kv_store_bytes", "KV bytes referenced by the store.").labels(**lb)
+        self.evictions = self._counter(
+            "kv_store_evictions", "Sequences dropped for budget."
+        ).labels(**lb)
+
+
+class SchedulerMetrics(_Instruments):
+    def __init__(self, model: str):
+        super().__init__(model, "scheduler", "0")
+        self._decisions = self._counter(
+            "routing_decisions", "Routing decisions by kind.", ("decision",)
+        )
+
+    def decision(self, kind: str) -> None:
+        self._decisions.labels(**self.labels, decision=kind).inc()
+
+
+def merge_expositions(texts: Iterable[str]) -> str:
+    """Merge several processes' exposition texts into one valid page (one HELP/TYPE per family)."""
+    families: dict[str, tuple[str, str, list[str]]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text):
+            if fam.name.endswith("_created") or fam.name.startswith("python_"):
+                continue
+            _, _, lines = families.setdefault(fam.name, (fam.type, fam.documentation, []))
+            for s in fam.samples:
+                if s.name.endswith("_created"):
+                    continue
+                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(s.labels.items()))
+                lines.append(f"{s.name}{{{labels}}} {_fmt(s.value)}")
+    out = []
+    for name, (typ, doc, lines) in sorted(families.items()):
+        out.append(f"# HELP {name} {doc}")
+        out.append(f"# TYPE {name} {typ}")
+        out.extend(lines)
+    return "\n".join(out) + "\n"
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt(v: float) -> str:
+    if v == float("inf"):
+        return "+Inf"
+    return repr(float(v)) if v != int(v) else f"{int(v)}.0" if abs(v) < 1e15 else repr(float(v))

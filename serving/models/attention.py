@@ -1,0 +1,129 @@
+"""Paged attention over a block-structured KV cache, in plain torch (CPU or GPU).
+
+The cache of one layer is `[2, num_blocks, block_size, num_kv_heads, head_dim]` (K then V).
+Each sequence owns a block table: the ids of its blocks in order. New tokens' K/V are
+written to their slots first, then queries attend to the whole context through the table,
+so prefill, prefill-after-a-cached-prefix, decode and multi-token verification are one path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """What one forward pass needs to know about the layout of its tokens.
+
+    Tokens of all sequences are flattened into one `[num_tokens]` batch, sequence after
+    sequence; `query_lens[i]` of them belong to sequence i, whose context after this pass
+    holds `context_lens[i]` tokens (cached prefix + these queries).
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] flat slot (block_id * block_size + offset)
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] block ids, padded with 0
+    context_lens: torch.Tensor  # [num_seqs]
+    query_lens: list[int]
+    context_lens_list: list[int]
+    all_decode: bool  # every sequence has exactly one query token
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+def write_kv(
+    layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter new keys/values `[num_tokens, num_kv_heads, head_dim]` into their slots."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = layer_cache.shape
+    flat = layer_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    layer_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of `q [num_tokens, num_heads, head_dim]` over each sequence's cached context.
+
+    The new K/V must already be written to the cache (see `write_kv`); `k_new`/`v_new` are
+    used directly where a sequence has no cached prefix, which saves a gather.
+    Returns `[num_tokens, num_heads, head_dim]`.
+    """
+    if meta.all_decode:
+        return _decode_attention(q, layer_cache, meta, scale)
+    outputs = []
+    start = 0
+    for i, (n, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
+        q_i = q[start : start + n]
+        if n == ctx:  # nothing cached before these tokens: use them as they are
+            k_i, v_i = k_new[start : start + n], v_new[start : start + n]
+        else:
+            k_i, v_i = _gather_context(layer_cache, meta.block_tables[i], ctx)
+        outputs.append(_causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale))
+        start += n
+    return torch.cat(outputs, dim=0)
+
+
+def _gather_context(
+    layer_cache: torch.Tensor, block_table: torch.Tensor, context_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    block_size = layer_cache.shape[2]
+    num_blocks = -(-context_len // block_size)
+    blocks = layer_cache[:, block_table[:num_blocks]]  # [2, nb, bs, Hkv, D]
+    kv = blocks.flatten(1, 2)[:, :context_len]  # [2, ctx, Hkv, D]
+    return kv[0], kv[1]
+
+
+def _causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Queries are the last `len(q)` positions of a context of `len(k)` tokens."""
+    n, ctx = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    if n == ctx:
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
+        )
+    elif n == 1:
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True)
+    else:
+        # query j sits at position ctx - n + j and may see keys up to and including it
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos  # [n, ctx]
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    return out[0].transpose(0, 1)  # [n, Hq, D]
+
+
+def _decode_attention(
+    q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """One query per sequence: gather every sequence's blocks and attend in one batch."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, _, block_size, num_kv_heads, _ = layer_cache.shape
+    group = num_heads // num_kv_heads
+    max_len = int(meta.context_lens_list and max(meta.context_lens_list))
+    num_blocks = -(-max_len // block_size)
+    table = meta.block_tables[:, :num_blocks]
+    kv = layer_cache[:, table]  # [2, B, nb, bs, Hkv, D]
+    # fp32 attention: bf16 batched matmuls are slow on CPU and lose precision in softmax
+    kv = kv.flatten(2, 3)[:, :, :max_len].float()  # [2, B, L, Hkv, D]
+    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, kv[0]) * scale  # [B, Hkv, G, L]
+    positions = torch.arange(max_len, device=q.device)
+    pad = positions[None, :] >= meta.context_lens[:, None]  # [B, L]
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, kv[1])  # [B, Hkv, G, D]
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)

@@ -1,0 +1,44 @@
+"""Map the `--model` a user gives to a local Hugging Face folder.
+
+Serving never talks to the Hub, so a model is either the bundled default (converted offline by
+`serving.models.pull`) or a folder already on disk; anything else fails early and says why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from serving.env import DEFAULT_MODEL_NAME
+
+# Names that mean "the bundled default", including the Hub id people habitually type.
+DEFAULT_ALIASES = frozenset({"default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"})
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """Folder to load `model` from; converts the default model on first use.
+
+    Aliases win over a same-named relative folder: `./default` must be written with its `./`.
+    """
+    if model is None or model in DEFAULT_ALIASES:
+        from serving.models.pull import ensure_default_model  # lazy: pulls in torch/transformers
+
+        return ensure_default_model()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {model!r}: no such folder {path} (use 'default' for {DEFAULT_MODEL_NAME}, "
+            "or a local Hugging Face folder; the Hub is never contacted)"
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {model!r}: {path} is a file, expected a model folder")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model {model!r}: folder {path} has no config.json, so it is not a Hugging Face "
+            "model folder"
+        )
+    return path.resolve()
+
+
+def served_model_name(path: Path) -> str:
+    """Name the API reports for a model folder: its folder name."""
+    return Path(path).resolve().name
