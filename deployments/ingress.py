@@ -199,12 +199,13 @@ class Ingress:
                 "prompt or completion.",
                 param="max_tokens" if requested else "messages" if chat else "prompt",
             )
-        prefix = "chatcmpl" if chat else "cmpl"
+        # The response id is the request id everywhere (logs, kv_store keys), as in vLLM.
+        req_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         return Prepared(
-            req_id=f"{prefix}-{uuid.uuid4().hex}",
+            req_id=req_id,
             prompt_ids=list(prompt_ids),
             params=req.sampling_params(max_tokens),
-            builder=ResponseBuilder(f"{prefix}-{uuid.uuid4().hex[:24]}", self.model_name, chat),
+            builder=ResponseBuilder(req_id, self.model_name, chat),
             stream=req.stream,
             include_usage=req.include_usage,
         )

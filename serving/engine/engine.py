@@ -91,6 +91,7 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     # --- the loop body -------------------------------------------------------------------
+    @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
         if batch is None or not batch.seqs:

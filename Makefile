@@ -1,0 +1,49 @@
+# Infer-OS Serve — the two commands a fresh machine needs:
+#   make serve   install into .venv if needed, pull the default model, serve on 127.0.0.1:8000
+#   make test    install into .venv if needed, pull the default model, lint and run every test
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.inferos-installed
+HOST ?= 127.0.0.1
+PORT ?= 8000
+PYTEST_ARGS ?=
+
+.PHONY: install model serve test lint unit integration bench clean
+
+# torch first and pinned: the CPU build of 2.13.0 lies on our machines' disk, while an
+# unpinned resolve would fetch a multi-GB CUDA build. Never install torchvision here.
+$(INSTALLED): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(INSTALLED)
+
+model: install
+	$(VENV)/bin/inferos models pull
+
+serve: model
+	$(VENV)/bin/inferos serve --host $(HOST) --port $(PORT)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+unit: model
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+integration: model
+	$(PY) -m pytest tests/integration -q $(PYTEST_ARGS)
+
+test: model lint
+	$(PY) -m pytest tests -q --durations=15 $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/inferos bench --base-url http://$(HOST):$(PORT) --concurrency 8 --num-prompts 32
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+
+include mk/vllm.mk
