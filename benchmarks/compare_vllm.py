@@ -168,14 +168,27 @@ class ManagedServer:
                     pass
                 proc.wait(timeout=10.0)
         if proc is not None:
-            # Workers that outlived the leader (same process group) are ended too.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            # Workers that outlived the leader (same process group) are ended too, and waited
+            # for, so the next server gets the whole CPU.
+            if not _wait_group_gone(proc.pid, 0, 10.0) and not _wait_group_gone(
+                proc.pid, signal.SIGKILL, 10.0
+            ):
+                log(f"WARNING: processes of {self.name}'s group {proc.pid} are still alive")
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+
+def _wait_group_gone(pgid: int, sig: int, timeout_s: float) -> bool:
+    """Send `sig` (0: just probe) to the group until it is empty; True once it is."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -249,11 +262,15 @@ def bench_server(
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"base_url": base_url, "runs": {}}
     if args.warmup_prompts > 0:
-        log(f"{name}: warm-up ({args.warmup_prompts} requests, not counted)")
+        # Several at once: the first batches of a fresh server (either one) run slow.
+        warm_c = min(args.warmup_prompts, max(args.concurrency))
+        log(
+            f"{name}: warm-up ({args.warmup_prompts} requests at concurrency {warm_c}, not counted)"
+        )
         run_bench(
             args,
             base_url,
-            1,
+            warm_c,
             args.warmup_prompts,
             min(16, args.output_len),
             out_dir / f"{name}_warmup.json",
@@ -304,7 +321,7 @@ def run_side(
         ids = models_ready(base_url)
         if not ids:
             raise RuntimeError(
-                f"{name}: nothing answers {models_url(base_url)}; start it first"
+                f"nothing answers {models_url(base_url)}; start it first"
                 + (" or pass --ours-cmd" if name == "ours" else "")
             )
         log(f"{name}: using the running server at {base_url}, models {ids}")
@@ -312,7 +329,7 @@ def run_side(
     else:
         if port_open(base_url):
             raise RuntimeError(
-                f"{name}: something already listens at {base_url}; stop it, pick another "
+                f"something already listens at {base_url}; stop it, pick another "
                 f"port, or pass its URL to bench it as it is"
             )
         server.start()
@@ -362,6 +379,17 @@ def compute_ratios(
     return ratios
 
 
+def side_line(label: str, side: dict[str, Any] | None) -> str:
+    if side is None:
+        return f"- {label}: skipped"
+    line = f"- {label}: {side['base_url']}"
+    if side.get("command"):
+        line += f" (`{side['command']}`)"
+    if side.get("error"):
+        line += f" -- ERROR: {side['error'].splitlines()[0]}"
+    return line
+
+
 def markdown(report: dict[str, Any]) -> str:
     cfg = report["config"]
     ours, vllm = report["servers"].get("ours"), report["servers"].get("vllm")
@@ -372,10 +400,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- load: {cfg['input_len']} input / {cfg['output_len']} output tokens per request, "
         f"concurrency {', '.join(map(str, cfg['concurrency']))}, one level after the other"
         + (f"; bench extra args `{cfg['bench_args']}`" if cfg["bench_args"] else ""),
-        f"- ours: {ours['base_url'] if ours else 'skipped'}"
-        + (f" (`{ours['command']}`)" if ours and ours.get("command") else ""),
-        f"- vLLM {vllm.get('version') or ''}: {vllm['base_url'] if vllm else 'skipped'}"
-        + (f" (`{vllm['command']}`)" if vllm and vllm.get("command") else ""),
+        side_line("ours", ours),
+        side_line("vLLM" + (f" {vllm['version']}" if vllm and vllm.get("version") else ""), vllm),
         "- ratio = ours / vLLM: above 1 is better for tok/s, below 1 is better for TTFT and ITL",
         "",
         "| concurrency | prompts | ours tok/s | vLLM tok/s | tok/s ratio "
@@ -453,8 +479,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--warmup-prompts",
         type=int,
-        default=2,
-        help="uncounted requests sent to each server first (0: none) (default: %(default)s)",
+        default=8,
+        help="uncounted short requests sent to each server first, up to the highest "
+        "concurrency at once (0: none) (default: %(default)s)",
     )
     g.add_argument(
         "--bench-args",

@@ -35,7 +35,9 @@ class ModelSettings(_Strict):
 class KVCacheSettings(_Strict):
     block_size: Literal[8, 16, 32] = 16
     num_blocks: PositiveInt = Field(1024, description="KV blocks per engine (prefill and decode)")
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="KV cache dtype; auto = the model's dtype"
+    )
     store_budget_bytes: PositiveInt = Field(
         2 * 1024**3,
         description="Bytes of KV the kv_store keeps referenced before dropping the oldest",
@@ -104,5 +106,5 @@ class InferosConfig(_Strict):
             max_num_seqs=self.scheduling.max_num_seqs,
             max_num_batched_tokens=self.scheduling.max_num_batched_tokens,
             max_model_len=self.model.max_model_len,
-            kv_dtype=self.kv_cache.dtype,
+            kv_dtype=self.model.dtype if self.kv_cache.dtype == "auto" else self.kv_cache.dtype,
         )

@@ -109,21 +109,22 @@ def _causal_attention(
 def _decode_attention(
     q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """One query per sequence: gather every sequence's blocks and attend in one batch."""
+    """One query per sequence: gather every sequence's blocks and attend in one batch.
+
+    The `group` query heads sharing a KV head are laid out as `group` query rows of that
+    head, so one SDPA call over `[num_seqs, num_kv_heads, group, head_dim]` does GQA
+    without repeating K/V.
+    """
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
     group = num_heads // num_kv_heads
     max_len = int(meta.context_lens_list and max(meta.context_lens_list))
     num_blocks = -(-max_len // block_size)
-    table = meta.block_tables[:, :num_blocks]
-    kv = layer_cache[:, table]  # [2, B, nb, bs, Hkv, D]
-    # fp32 attention: bf16 batched matmuls are slow on CPU and lose precision in softmax
-    kv = kv.flatten(2, 3)[:, :, :max_len].float()  # [2, B, L, Hkv, D]
-    qg = q.float().view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, kv[0]) * scale  # [B, Hkv, G, L]
-    positions = torch.arange(max_len, device=q.device)
-    pad = positions[None, :] >= meta.context_lens[:, None]  # [B, L]
-    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, kv[1])  # [B, Hkv, G, D]
+    kv = layer_cache[:, meta.block_tables[:, :num_blocks]]  # [2, B, nb, bs, Hkv, D]
+    kv = kv.flatten(2, 3)[:, :, :max_len].transpose(2, 3)  # [2, B, Hkv, L, D]
+    qg = q.view(num_seqs, num_kv_heads, group, head_dim).to(kv.dtype)
+    valid = torch.arange(max_len, device=q.device)[None, :] < meta.context_lens[:, None]
+    out = F.scaled_dot_product_attention(
+        qg, kv[0], kv[1], attn_mask=valid[:, None, None, :], scale=scale
+    )  # [B, Hkv, G, D]
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
