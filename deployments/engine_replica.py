@@ -36,7 +36,11 @@ class EngineReplica:
         self.model_name = self.config.model.served_model_name or served_model_name(path)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         model = load_model(
-            path, parse_dtype(self.config.model.dtype), self.config.model.max_model_len + 1
+            path,
+            parse_dtype(self.config.model.dtype),
+            max_positions=self.config.model.max_model_len + 1,
+            # prefill steps are large: only decode profits from the int4 path
+            int4_max_tokens=self.config.model.int4_max_tokens if self.role is Role.DECODE else 0,
         )
         self.engine = LLMEngine(model, self.config.engine_config(), model.arch.eos_token_ids)
         self.metrics = EngineMetrics(self.model_name, self.role.value, self.replica_id)

@@ -30,6 +30,12 @@ class ModelSettings(_Strict):
         "bfloat16", description="Weight dtype; bfloat16 halves the bytes read per decode step"
     )
     max_model_len: PositiveInt = Field(2048, description="Prompt + generated tokens per request")
+    int4_max_tokens: int = Field(
+        8,
+        ge=0,
+        description="bfloat16 only: engine steps of up to this many tokens use a lossless int4 "
+        "repack of linear weights that came from a 4-bit GGUF (0 = off)",
+    )
 
 
 class KVCacheSettings(_Strict):

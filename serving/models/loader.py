@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from serving.models.arch import LlamaArch
+from serving.models.int4 import repack_int4
 from serving.models.llama import LlamaForCausalLM
 from serving.models.rope import rope_cache
 
@@ -69,20 +70,27 @@ def _fused_state_dict(hf: dict[str, torch.Tensor], arch: LlamaArch) -> dict[str,
 
 
 def load_model(
-    folder: Path, dtype: torch.dtype = torch.float32, max_positions: int | None = None
+    folder: Path,
+    dtype: torch.dtype = torch.float32,
+    max_positions: int | None = None,
+    int4_max_tokens: int = 0,
 ) -> LlamaForCausalLM:
+    """`int4_max_tokens > 0` (bf16 only): steps of up to that many tokens run on a lossless
+    4-bit repack of the linear layers whose weights came from a 4-bit GGUF."""
     folder = Path(folder)
     arch = LlamaArch.from_folder(folder)
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, max_positions=max_positions)
-    state = _fused_state_dict(_read_state_dict(folder), arch)
-    state = {k: v.to(dtype) for k, v in state.items()}
+    source = _fused_state_dict(_read_state_dict(folder), arch)
+    state = {k: v.to(dtype) for k, v in source.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # Buffers were created on the meta device; rebuild them for real.
     cos, sin = rope_cache(arch, max_positions or arch.max_position_embeddings)
     model.rope_cos, model.rope_sin = cos, sin
+    if int4_max_tokens > 0 and dtype == torch.bfloat16:
+        repack_int4(model, source, int4_max_tokens)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"weights missing from {folder}: {missing[:5]}")

@@ -1,0 +1,89 @@
+"""Lossless 4-bit repack of weights that come from a 4-bit GGUF (Q4_1), for small batches.
+
+A single decode stream on CPU is bound by the bytes of weights read per step. Weights
+dequantized from Q4_1 lie exactly on a 16-level grid per group of 32 inputs
+(`w = min + q * (max - min) / 15`), so they can be packed back into 4 bits and multiplied
+with torch's int4 CPU kernel — the same numbers, a quarter of the bf16 bytes. The kernel
+loses to dense bf16 matmul once the batch is compute-bound, so each layer keeps both and
+picks by the number of tokens in the step.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+GROUP_SIZE = 32
+INNER_K_TILES = 8
+_ops = torch.ops.aten
+
+
+def int4_kernel_available() -> bool:
+    return hasattr(_ops, "_weight_int4pack_mm_for_cpu")
+
+
+def quantize_on_grid(
+    weight: torch.Tensor, group_size: int = GROUP_SIZE, atol: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`(q [N, K] int32 in 0..15, scales_and_zeros [K/g, N, 2])` if `weight` is exactly on
+    a 4-bit grid per group (up to `atol` relative to the group's range), else None."""
+    n, k = weight.shape
+    if k % group_size:
+        return None
+    g = weight.float().view(n, k // group_size, group_size)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo) / scale).clamp(0, 15)
+    if ((q * scale + lo) - g).abs().max() > atol * max(float((hi - lo).max()), 1.0):
+        return None
+    # torch's kernel computes (q - 8) * scale + zero, so zero = min + 8 * scale
+    scales = scale.squeeze(-1)
+    zeros = lo.squeeze(-1) + 8 * scales
+    scales_and_zeros = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous()
+    return q.view(n, k).to(torch.int32), scales_and_zeros
+
+
+class HybridInt4Linear(nn.Module):
+    """Dense weight for large batches, packed int4 for up to `max_int4_tokens` tokens."""
+
+    def __init__(self, linear: nn.Linear, q: torch.Tensor, scales_and_zeros: torch.Tensor,
+                 max_int4_tokens: int):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.max_int4_tokens = max_int4_tokens
+        self.register_buffer("packed", _ops._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES))
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(linear.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.max_int4_tokens:
+            return F.linear(x, self.weight, self.bias)
+        out = _ops._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
+        return out if self.bias is None else out + self.bias
+
+
+def repack_int4(
+    model: nn.Module, source_weights: dict[str, torch.Tensor], max_int4_tokens: int
+) -> int:
+    """Swap every `nn.Linear` whose source (pre-cast, fp32) weight is on a 4-bit grid for a
+    `HybridInt4Linear`; returns how many. `source_weights` maps `<module>.weight` names to
+    the weights as loaded, before any cast to bf16 moved them off the grid."""
+    if max_int4_tokens <= 0 or not int4_kernel_available():
+        return 0
+    swapped = 0
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            key = f"{parent_name}.{name}.weight" if parent_name else f"{name}.weight"
+            if type(child) is not nn.Linear or key not in source_weights:
+                continue
+            packed = quantize_on_grid(source_weights[key])
+            if packed is not None:
+                setattr(parent, name, HybridInt4Linear(child, *packed, max_int4_tokens))
+                swapped += 1
+    logger.info("int4 repack: %d linear layers on a 4-bit grid", swapped)
+    return swapped
