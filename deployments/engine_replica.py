@@ -15,8 +15,10 @@ from serving.config import InferosConfig, RoleSettings
 from serving.engine.engine import LLMEngine, StepOutput, StepStats
 from serving.engine.engine_thread import EngineThread
 from serving.messages import ReplicaLoad, Role
+from serving.logging_setup import configure_logging
 from serving.metrics import EngineMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
+from serving.models.int4 import HybridInt4Linear
 from serving.models.loader import load_model, parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ class EngineReplica:
     role: Role
 
     async def _start_engine(self, config: dict) -> None:
+        configure_logging()
         self.config = InferosConfig.model_validate(config)
         settings: RoleSettings = getattr(self.config, self.role.value)
         torch.set_num_threads(settings.torch_threads)
@@ -108,6 +111,9 @@ class EngineReplica:
             "kv_blocks_used": self.engine.block_pool.num_used_blocks,
             "kv_blocks_total": self.engine.config.num_blocks,
             "pid": os.getpid(),
+            "int4_layers": sum(
+                isinstance(m, HybridInt4Linear) for m in self.engine.runner.model.modules()
+            ),
         }
 
     def check_health(self) -> None:

@@ -36,6 +36,7 @@ from serving.api.responses import SSE_DONE, ResponseBuilder, Usage, sse_error
 from serving.config import InferosConfig
 from serving.engine.sampling_params import SamplingParams
 from serving.messages import DecodeRequest, PrefillRequest, RoutePlan, TokenDelta
+from serving.logging_setup import configure_logging
 from serving.metrics import FrontendMetrics, merge_expositions
 from serving.models.hf_folder import resolve_model_path, served_model_name
 
@@ -64,6 +65,7 @@ class Prepared:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, config: dict):
+        configure_logging()
         self.config = InferosConfig.model_validate(config)
         path = resolve_model_path(self.config.model.path)
         self.model_name = self.config.model.served_model_name or served_model_name(path)

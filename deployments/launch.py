@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 def start_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
+    # Ray starts workers at nice 15 by default; replicas are the serving hot path, and a
+    # benchmark client or a co-located vLLM would otherwise take the CPU from them.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, namespace=NAMESPACE)

@@ -27,7 +27,9 @@ TEXT_A = (
     "without copying its cache. The scheduler hands out blocks as tokens arrive and frees "
     "them the moment a request finishes."
 )
-TEXT_B = "The quick brown fox jumps over the lazy dog, then naps under a tall oak tree by the river."
+TEXT_B = (
+    "The quick brown fox jumps over the lazy dog, then naps under a tall oak tree by the river."
+)
 
 
 @pytest.fixture(scope="module")

@@ -125,9 +125,7 @@ def test_min_tokens_suppresses_eos_and_stop_tokens(temperature: float) -> None:
     for done in range(3):
         assert sample(logits.clone(), [_seq(num_outputs=done, **params)], EOS) == [6]
     # from the min_tokens-th output on, EOS may win again
-    assert sample(logits.clone(), [_seq(num_outputs=3, temperature=0.0, min_tokens=3)], EOS) == [
-        2
-    ]
+    assert sample(logits.clone(), [_seq(num_outputs=3, temperature=0.0, min_tokens=3)], EOS) == [2]
 
 
 def test_ignore_eos_alone_does_not_suppress_eos_in_the_sampler() -> None:

@@ -1,0 +1,67 @@
+"""The int4 repack is lossless for weights on a 4-bit grid and refuses anything else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from serving.models.int4 import (
+    HybridInt4Linear,
+    int4_kernel_available,
+    quantize_on_grid,
+    repack_int4,
+)
+
+pytestmark = pytest.mark.skipif(not int4_kernel_available(), reason="torch has no int4 CPU kernel")
+
+
+def _grid_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A weight built the way Q4_1 dequantizes: min + q * scale per group of 32."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k // 32, 32), generator=gen).float()
+    q[..., 0], q[..., 1] = 0, 15  # every group spans its whole range, as Q4_1 groups do
+    scale = torch.rand(n, k // 32, 1, generator=gen) * 0.05 + 0.01
+    lo = -torch.rand(n, k // 32, 1, generator=gen) * 0.4
+    return (lo + q * scale).view(n, k)
+
+
+def test_grid_weight_round_trips_exactly() -> None:
+    w = _grid_weight(64, 128)
+    packed = quantize_on_grid(w)
+    assert packed is not None
+    q, sz = packed
+    assert q.min() >= 0 and q.max() <= 15
+    scales, zeros = sz[..., 0].t(), sz[..., 1].t()  # [N, K/g]
+    recon = (q.view(64, 4, 32).float() - 8) * scales[..., None] + zeros[..., None]
+    assert torch.allclose(recon.view(64, 128), w, atol=1e-6)
+
+
+def test_off_grid_weight_is_refused() -> None:
+    w = torch.randn(64, 128)
+    assert quantize_on_grid(w) is None
+
+
+def test_hybrid_linear_matches_dense_and_switches_by_batch() -> None:
+    w = _grid_weight(96, 64, seed=1)
+    dense = nn.Linear(64, 96, bias=False)
+    dense.weight.data = w.to(torch.bfloat16)
+    model = nn.Sequential(dense)
+    assert repack_int4(model, {"0.weight": w}, max_int4_tokens=4) == 1
+    layer = model[0]
+    assert isinstance(layer, HybridInt4Linear)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    reference = x.float() @ w.t()
+    small = layer(x)  # int4 kernel
+    big = layer(torch.cat([x, x, x]))[:3]  # 9 tokens > 4: dense bf16 path
+    # both carry only bf16 rounding of activations/scales relative to the fp32 product
+    tol = 0.02 * reference.abs().max()
+    assert (small.float() - reference).abs().max() < tol
+    assert (big.float() - reference).abs().max() < tol
+
+
+def test_repack_skips_layers_not_on_grid() -> None:
+    lin = nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    model = nn.Sequential(lin)
+    assert repack_int4(model, {"0.weight": torch.randn(32, 64)}, max_int4_tokens=8) == 0
+    assert model[0] is lin
