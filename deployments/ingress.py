@@ -5,7 +5,6 @@ prefill (first token, KV into the store) → decode (streamed back through `Deco
 detokenize, stop strings → SSE or one JSON body.
 """
 
-
 import logging
 import time
 import uuid

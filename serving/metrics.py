@@ -8,6 +8,7 @@ their exposition text to the scheduler actor and the ingress merges all of them 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -211,7 +212,9 @@ def merge_expositions(texts: Iterable[str]) -> str:
         for fam in text_string_to_metric_families(text):
             if fam.name.endswith("_created") or fam.name.startswith("python_"):
                 continue
-            _, _, lines = families.setdefault(fam.name, (fam.type, fam.documentation, []))
+            # the parser strips a counter's `_total`; the exposition's TYPE line keeps it
+            name = fam.name + "_total" if fam.type == "counter" else fam.name
+            _, _, lines = families.setdefault(name, (fam.type, fam.documentation, []))
             for s in fam.samples:
                 if s.name.endswith("_created"):
                     continue
@@ -230,6 +233,8 @@ def _escape(v: str) -> str:
 
 
 def _fmt(v: float) -> str:
-    if v == float("inf"):
-        return "+Inf"
-    return repr(float(v)) if v != int(v) else f"{int(v)}.0" if abs(v) < 1e15 else repr(float(v))
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))

@@ -40,13 +40,13 @@ class IncrementalDetokenizer:
         if not self.stop:
             self.text += pending
             return pending
-        for s in self.stop:
-            idx = pending.find(s)
-            if idx != -1:
-                self.stopped = True
-                self._held = ""
-                self.text += pending[:idx]
-                return pending[:idx]
+        hits = [i for i in (pending.find(s) for s in self.stop) if i != -1]
+        if hits:  # cut at the earliest stop string, whichever it is
+            idx = min(hits)
+            self.stopped = True
+            self._held = ""
+            self.text += pending[:idx]
+            return pending[:idx]
         # hold back the longest tail that could still grow into a stop string
         hold = 0
         for s in self.stop:

@@ -51,8 +51,13 @@ def quantize_on_grid(
 class HybridInt4Linear(nn.Module):
     """Dense weight for large batches, packed int4 for up to `max_int4_tokens` tokens."""
 
-    def __init__(self, linear: nn.Linear, q: torch.Tensor, scales_and_zeros: torch.Tensor,
-                 max_int4_tokens: int):
+    def __init__(
+        self,
+        linear: nn.Linear,
+        q: torch.Tensor,
+        scales_and_zeros: torch.Tensor,
+        max_int4_tokens: int,
+    ):
         super().__init__()
         self.weight = linear.weight
         self.bias = linear.bias
