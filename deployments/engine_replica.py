@@ -38,22 +38,18 @@ class EngineReplica:
         path = resolve_model_path(self.config.model.path)
         self.model_name = self.config.model.served_model_name or served_model_name(path)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        model = load_model(
-            path,
-            parse_dtype(self.config.model.dtype),
-            max_positions=self.config.model.max_model_len + 1,
-            # prefill steps are large: only decode profits from the int4 path
-            int4_max_tokens=self.config.model.int4_max_tokens if self.role is Role.DECODE else 0,
-        )
-        self.engine = LLMEngine(model, self.config.engine_config(), model.arch.eos_token_ids)
         self.metrics = EngineMetrics(self.model_name, self.role.value, self.replica_id)
-        self.metrics.kv_blocks_total.set(self.engine.config.num_blocks)
+        self.metrics.kv_blocks_total.set(self.config.kv_cache.num_blocks)
         self.step_time_s = 0.0
         self.scheduler = scheduler_actor(config)
         self.kv_store = kv_store_actor(config)
         self.thread = EngineThread(
-            self.engine, asyncio.get_running_loop(), self._on_outputs, self._on_step
+            lambda: self._build_engine(path),
+            asyncio.get_running_loop(),
+            self._on_outputs,
+            self._on_step,
         )
+        self.engine = await self.thread.wait_ready()
         self._report_task = asyncio.create_task(self._report_loop())
         logger.info(
             "%s replica %s ready (pid %d, %d torch threads)",
@@ -62,6 +58,17 @@ class EngineReplica:
             os.getpid(),
             settings.torch_threads,
         )
+
+    def _build_engine(self, path) -> LLMEngine:
+        """Runs on the engine thread."""
+        model = load_model(
+            path,
+            parse_dtype(self.config.model.dtype),
+            max_positions=self.config.model.max_model_len + 1,
+            # prefill steps are large: only decode profits from the int4 path
+            int4_max_tokens=self.config.model.int4_max_tokens if self.role is Role.DECODE else 0,
+        )
+        return LLMEngine(model, self.config.engine_config(), model.arch.eos_token_ids)
 
     def _on_step(self, stats: StepStats) -> None:
         """Engine thread: per-step metrics (prometheus_client is thread-safe)."""
@@ -117,5 +124,5 @@ class EngineReplica:
         }
 
     def check_health(self) -> None:
-        if not self.thread._thread.is_alive():
+        if not self.thread.is_alive():
             raise RuntimeError("engine thread died")
