@@ -3,6 +3,8 @@ and kv_store actors created on first use."""
 
 from __future__ import annotations
 
+import os
+
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
@@ -15,36 +17,38 @@ APP_NAME = "inferos"
 PINNED_ROUTER = RequestRouterConfig(request_router_class="deployments.router.PinnedReplicaRouter")
 
 
-def actor_options(role: RoleSettings) -> dict:
+def actor_options(role: RoleSettings, threads: int) -> dict:
     return {
         "num_cpus": role.num_cpus,
         "num_gpus": role.num_gpus,
         "resources": dict(role.resources),
         # OpenMP reads this at start-up, before our torch.set_num_threads runs.
-        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(role.torch_threads)}},
+        "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
     }
 
 
 def build_app(config: InferosConfig) -> Application:
     cfg = config.model_dump()
+    # NOTE: thread counts assume replicas land on a node like this one (the driver's).
+    cpus = os.cpu_count() or 1
     common = {"graceful_shutdown_timeout_s": 2, "health_check_period_s": 5}
     prefill = PrefillDeployment.options(
         num_replicas=config.prefill.num_replicas,
-        ray_actor_options=actor_options(config.prefill),
+        ray_actor_options=actor_options(config.prefill, config.threads_for("prefill", cpus)),
         request_router_config=PINNED_ROUTER,
         max_ongoing_requests=1024,
         **common,
     ).bind(cfg)
     decode = DecodeDeployment.options(
         num_replicas=config.decode.num_replicas,
-        ray_actor_options=actor_options(config.decode),
+        ray_actor_options=actor_options(config.decode, config.threads_for("decode", cpus)),
         request_router_config=PINNED_ROUTER,
         max_ongoing_requests=4096,
         **common,
     ).bind(cfg)
     return IngressDeployment.options(
         num_replicas=config.ingress.num_replicas,
-        ray_actor_options=actor_options(config.ingress),
+        ray_actor_options=actor_options(config.ingress, config.threads_for("ingress", cpus)),
         max_ongoing_requests=4096,
         **common,
     ).bind(prefill, decode, cfg)

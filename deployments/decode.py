@@ -21,24 +21,38 @@ class DecodeServer(EngineReplica):
     async def __init__(self, config: dict):
         self._queues: dict[str, asyncio.Queue[list[TokenDelta]]] = {}
         self._subscriber_of: dict[str, str] = {}  # req_id → ingress replica id
+        self._held: dict[str, list[int]] = {}  # tokens not streamed yet (stream_interval)
+        self._streamed: set[str] = set()  # requests whose first token went out
+        self.num_local_prefills = 0
         await self._start_engine(config)
+        self.stream_interval = self.config.scheduling.stream_interval
         self.num_imported = 0
 
     def _queue(self, subscriber_id: str) -> asyncio.Queue[list[TokenDelta]]:
         return self._queues.setdefault(subscriber_id, asyncio.Queue())
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:
+        """Route each step's tokens to their ingress; with `stream_interval` N > 1 a
+        request's tokens are held until N have gathered (or it finished), as vLLM's
+        --stream-interval does, so the hops behind us pay per N tokens, not per token."""
         by_subscriber: dict[str, list[TokenDelta]] = {}
         for out in outputs:
             subscriber = self._subscriber_of.get(out.req_id)
             if subscriber is None:  # aborted meanwhile
                 continue
+            held = self._held.setdefault(out.req_id, [])
+            held.extend(out.new_token_ids)
+            # a request's first token always goes out at once: it is the TTFT
+            first = out.req_id not in self._streamed
+            if not (first or out.finished or len(held) >= self.stream_interval):
+                continue
+            self._streamed.add(out.req_id)
+            del self._held[out.req_id]
             if out.finished:
                 del self._subscriber_of[out.req_id]
+                self._streamed.discard(out.req_id)
             by_subscriber.setdefault(subscriber, []).append(
-                TokenDelta(
-                    out.req_id, out.new_token_ids, out.finished, out.finish_reason, out.error
-                )
+                TokenDelta(out.req_id, held, out.finished, out.finish_reason, out.error)
             )
         for subscriber, deltas in by_subscriber.items():
             self._queue(subscriber).put_nowait(deltas)
@@ -47,27 +61,27 @@ class DecodeServer(EngineReplica):
         """Start decoding `req`; returns an error message instead of raising."""
         if replica_id is not None and replica_id != self.replica_id:
             return f"request for decode replica {replica_id} reached {self.replica_id}"
-        stored = await self.kv_store.get.remote(req.kv_key, self.replica_id)
-        if stored is None:
-            return f"KV {req.kv_key} is not in the kv_store"
-        blocks = await asyncio.gather(*stored.blocks)  # zero-copy reads on the same node
-        payload = KVPayload(stored.layout, stored.num_tokens, list(blocks))
-        self.metrics.kv_transfer_bytes.inc(payload.num_bytes)
-        self.num_imported += 1
+        seq = Sequence(req.req_id, list(req.prompt_token_ids), req.params)
+        if req.kv_key is not None and req.first_token_id is not None:
+            stored = await self.kv_store.get.remote(req.kv_key, self.replica_id)
+            if stored is None:
+                return f"KV {req.kv_key} is not in the kv_store"
+            blocks = await asyncio.gather(*stored.blocks)  # zero-copy reads on the same node
+            seq.kv_import = KVPayload(stored.layout, stored.num_tokens, list(blocks))
+            seq.output_token_ids = [req.first_token_id]
+            self.metrics.kv_transfer_bytes.inc(seq.kv_import.num_bytes)
+            self.num_imported += 1
+            self._streamed.add(req.req_id)  # the ingress has the first token already
+        else:
+            self.num_local_prefills += 1
         self._subscriber_of[req.req_id] = req.subscriber_id
-        self.thread.add(
-            Sequence(
-                req.req_id,
-                list(req.prompt_token_ids),
-                req.params,
-                output_token_ids=[req.first_token_id],
-                kv_import=payload,
-            )
-        )
+        self.thread.add(seq)
         return None
 
     async def abort(self, req_id: str, replica_id: str | None = None) -> None:
         self._subscriber_of.pop(req_id, None)
+        self._held.pop(req_id, None)
+        self._streamed.discard(req_id)
         self.thread.abort(req_id)
 
     async def stream(
@@ -84,7 +98,10 @@ class DecodeServer(EngineReplica):
             yield batch
 
     async def stats(self) -> dict:
-        return await super().stats() | {"num_imported": self.num_imported}
+        return await super().stats() | {
+            "num_imported": self.num_imported,
+            "num_local_prefills": self.num_local_prefills,
+        }
 
 
 DecodeDeployment = serve.deployment(DecodeServer, name="decode")

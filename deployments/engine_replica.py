@@ -11,11 +11,11 @@ import torch
 from ray import serve
 
 from deployments.actors import kv_store_actor, scheduler_actor
-from serving.config import InferosConfig, RoleSettings
+from serving.config import InferosConfig
 from serving.engine.engine import LLMEngine, StepOutput, StepStats
 from serving.engine.engine_thread import EngineThread
-from serving.messages import ReplicaLoad, Role
 from serving.logging_setup import configure_logging
+from serving.messages import ReplicaLoad, Role
 from serving.metrics import EngineMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
 from serving.models.int4 import HybridInt4Linear
@@ -33,8 +33,8 @@ class EngineReplica:
     async def _start_engine(self, config: dict) -> None:
         configure_logging()
         self.config = InferosConfig.model_validate(config)
-        settings: RoleSettings = getattr(self.config, self.role.value)
-        torch.set_num_threads(settings.torch_threads)
+        threads = self.config.threads_for(self.role.value, os.cpu_count() or 1)
+        torch.set_num_threads(threads)
         path = resolve_model_path(self.config.model.path)
         self.model_name = self.config.model.served_model_name or served_model_name(path)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -56,7 +56,7 @@ class EngineReplica:
             self.role.value,
             self.replica_id,
             os.getpid(),
-            settings.torch_threads,
+            threads,
         )
 
     def _build_engine(self, path) -> LLMEngine:

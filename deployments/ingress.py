@@ -5,6 +5,7 @@ prefill (first token, KV into the store) → decode (streamed back through `Deco
 detokenize, stop strings → SSE or one JSON body.
 """
 
+import asyncio
 import logging
 import time
 import uuid
@@ -34,8 +35,8 @@ from serving.api.protocol import ChatCompletionRequest, CompletionRequest, read_
 from serving.api.responses import SSE_DONE, ResponseBuilder, Usage, sse_error
 from serving.config import InferosConfig
 from serving.engine.sampling_params import SamplingParams
-from serving.messages import DecodeRequest, PrefillRequest, RoutePlan, TokenDelta
 from serving.logging_setup import configure_logging
+from serving.messages import DecodeRequest, PrefillRequest, RoutePlan, TokenDelta
 from serving.metrics import FrontendMetrics, merge_expositions
 from serving.models.hf_folder import resolve_model_path, served_model_name
 
@@ -194,10 +195,10 @@ class Ingress:
         max_tokens = requested if requested is not None else self.max_model_len - len(prompt_ids)
         if len(prompt_ids) + max_tokens > self.max_model_len or max_tokens < 1:
             raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {len(prompt_ids) + max(max_tokens, 0)} tokens ({len(prompt_ids)} in the "
-                f"prompt, {max_tokens} in the completion). Please reduce the length of the "
-                "prompt or completion.",
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {len(prompt_ids) + max(max_tokens, 0)} tokens "
+                f"({len(prompt_ids)} in the prompt, {max_tokens} in the completion). "
+                "Please reduce the length of the prompt or completion.",
                 param="max_tokens" if requested else "messages" if chat else "prompt",
             )
         # The response id is the request id everywhere (logs, kv_store keys), as in vLLM.
@@ -224,44 +225,30 @@ class Ingress:
     async def _generate(self, p: Prepared, started: float) -> AsyncIterator[TokenDelta]:
         """Routes, prefills and decodes one request; yields its token deltas."""
         plan: RoutePlan | None = await self.scheduler.route.remote(p.req_id, len(p.prompt_ids))
-        if plan is None or plan.prefill_replica is None:
-            if plan is not None:
-                self.scheduler.finished.remote(p.req_id)
-            raise Unavailable("no prefill or decode replica is ready yet; retry shortly")
+        if plan is None:
+            raise Unavailable("no decode replica is ready yet; retry shortly")
         finished = False
         kv_key = None
         try:
-            result = await self.prefill.prefill.remote(
-                PrefillRequest(p.req_id, p.prompt_ids, p.params), replica_id=plan.prefill_replica
-            )
-            self.scheduler.prefill_done.remote(p.req_id)
-            if result.error is not None:
-                raise Unavailable(f"prefill failed: {result.error}")
-            kv_key = result.kv_key
+            if plan.prefill_replica is not None:
+                first, kv_key = await self._prefill(p, plan.prefill_replica)
+                if first.finished:
+                    finished = True
+                    yield first
+                    return
+                queue = await self._start_decode(p, plan, first.token_ids[0], kv_key)
+            else:  # colocated: the decode replica prefills, its first delta is the TTFT
+                queue = await self._start_decode(p, plan, None, None)
+                first = await queue.get()
+                if first.error is not None:
+                    raise Unavailable(f"decode failed: {first.error}")
             self.metrics.ttft.observe(time.perf_counter() - started)
-            first = TokenDelta(
-                p.req_id, [result.first_token_id], result.finished, result.finish_reason
-            )
-            if result.finished:
-                finished = True
-                yield first
-                return
-            queue = await self.mux.open(p.req_id, plan.decode_replica)
-            error = await self.decode.submit.remote(
-                DecodeRequest(
-                    p.req_id, p.prompt_ids, result.first_token_id, p.params, kv_key, self.replica_id
-                ),
-                replica_id=plan.decode_replica,
-            )
-            if error is not None:
-                raise Unavailable(f"decode could not start: {error}")
+            finished = first.finished
             yield first
-            while True:
+            while not finished:
                 delta = await queue.get()
                 finished = delta.finished
                 yield delta
-                if finished:
-                    return
         finally:
             self.mux.close(p.req_id)
             self.scheduler.finished.remote(p.req_id)
@@ -269,6 +256,28 @@ class Ingress:
                 self.decode.abort.remote(p.req_id, replica_id=plan.decode_replica)
                 if kv_key is not None:  # nobody will resume it: free the blocks now
                     self.kv_store.drop.remote(kv_key)
+
+    async def _prefill(self, p: Prepared, replica_id: str) -> tuple[TokenDelta, str | None]:
+        result = await self.prefill.prefill.remote(
+            PrefillRequest(p.req_id, p.prompt_ids, p.params), replica_id=replica_id
+        )
+        self.scheduler.prefill_done.remote(p.req_id)
+        if result.error is not None:
+            raise Unavailable(f"prefill failed: {result.error}")
+        first = TokenDelta(p.req_id, [result.first_token_id], result.finished, result.finish_reason)
+        return first, result.kv_key
+
+    async def _start_decode(
+        self, p: Prepared, plan: RoutePlan, first_token: int | None, kv_key: str | None
+    ) -> asyncio.Queue[TokenDelta]:
+        queue = await self.mux.open(p.req_id, plan.decode_replica)
+        request = DecodeRequest(
+            p.req_id, p.prompt_ids, first_token, p.params, kv_key, self.replica_id
+        )
+        error = await self.decode.submit.remote(request, replica_id=plan.decode_replica)
+        if error is not None:
+            raise Unavailable(f"decode could not start: {error}")
+        return queue
 
     async def _run(self, p: Prepared, first: TokenDelta, events: AsyncIterator[TokenDelta]):
         """Shared by streaming and non-streaming: yields (text, finish_reason, usage)."""
@@ -301,10 +310,12 @@ class Ingress:
 
     async def _collect(self, p: Prepared, first: TokenDelta, events) -> dict:
         started = time.perf_counter()
-        parts, reason, usage = [], None, Usage(len(p.prompt_ids))
+        parts: list[str] = []
+        reason, usage = None, Usage(len(p.prompt_ids))
         try:
-            async for text, reason, usage in self._run(p, first, events):
+            async for text, step_reason, step_usage in self._run(p, first, events):
                 parts.append(text)
+                reason, usage = step_reason, step_usage
         finally:
             await events.aclose()
         self.metrics.success(reason or "stop")
@@ -318,7 +329,8 @@ class Ingress:
             if b.chat:
                 yield b.chunk("", role=True)
             usage = Usage(len(p.prompt_ids))
-            async for text, reason, usage in self._run(p, first, events):
+            async for text, reason, step_usage in self._run(p, first, events):
+                usage = step_usage
                 if text:
                     yield b.chunk(text)
                 if reason is not None:

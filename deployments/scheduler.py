@@ -27,6 +27,7 @@ class SchedulerActor:
         self.metrics_texts_by_replica: dict[str, str] = {}
         self.assignments: dict[str, tuple[str | None, str]] = {}  # req_id → (prefill, decode)
         self.metrics = SchedulerMetrics(cfg.model.served_model_name or "default")
+        self.pd_mode = cfg.scheduling.pd_mode
         self.num_routed = 0
 
     async def report(self, load: ReplicaLoad) -> None:
@@ -46,11 +47,16 @@ class SchedulerActor:
         return {k: v for k, v in self.replicas[role].items() if is_alive(v, now, STALE_AFTER_S)}
 
     async def route(self, req_id: str, num_prompt_tokens: int) -> RoutePlan | None:
-        """Pick a prefill and a decode replica, or None when no decode replica is up."""
+        """Pick a prefill and a decode replica, or None when no decode replica is up.
+
+        No prefill replica (colocated mode, or none alive) means the decode replica
+        prefills the prompt itself."""
         decode = least_loaded(self._alive(Role.DECODE))
         if decode is None:
             return None
-        prefill = least_loaded(self._alive(Role.PREFILL))
+        prefill = None
+        if self.pd_mode == "disaggregated":
+            prefill = least_loaded(self._alive(Role.PREFILL))
         self.replicas[Role.DECODE][decode].num_assigned += 1
         if prefill is not None:
             self.replicas[Role.PREFILL][prefill].num_assigned += 1

@@ -24,6 +24,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-replicas", type=int)
     p.add_argument("--decode-replicas", type=int)
     p.add_argument("--api-key")
+    p.add_argument(
+        "--stream-interval", type=int, help="engine steps per streamed chunk (default 1)"
+    )
 
 
 def build_config(args: argparse.Namespace) -> InferosConfig:
@@ -39,6 +42,7 @@ def build_config(args: argparse.Namespace) -> InferosConfig:
         ("server", "api_key"): args.api_key,
         ("prefill", "num_replicas"): args.prefill_replicas,
         ("decode", "num_replicas"): args.decode_replicas,
+        ("scheduling", "stream_interval"): args.stream_interval,
     }
     for (section, key), value in overrides.items():
         if value is not None:
@@ -54,7 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         url = run_app(config)
         print(
-            f"\nInfer-OS Serve is ready: {url}/v1  (OpenAI API; health: {url}/health, metrics: {url}/metrics)\n",
+            f"\nInfer-OS Serve is ready: {url}/v1  (OpenAI API; "
+            f"health: {url}/health, metrics: {url}/metrics)\n",
             flush=True,
         )
         stop = False

@@ -56,6 +56,12 @@ class SchedulingSettings(_Strict):
     max_pending_requests: PositiveInt = Field(
         256, description="Requests admitted at once by the ingress; beyond them 429"
     )
+    pd_mode: Literal["disaggregated", "colocated"] = Field(
+        "disaggregated",
+        description="disaggregated: prefill replicas compute the prompt's KV and hand it to "
+        "decode through the kv_store; colocated: the decode replica prefills too (one "
+        "process per request: what pays on a small CPU-only box)",
+    )
     stream_interval: PositiveInt = Field(
         1, description="Engine steps per streamed chunk (like vLLM's --stream-interval)"
     )
@@ -68,7 +74,11 @@ class RoleSettings(_Strict):
     )
     num_gpus: float = Field(0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict, description='e.g. {"NPU": 1}')
-    torch_threads: PositiveInt = Field(2, description="torch intra-op threads in this replica")
+    torch_threads: PositiveInt | None = Field(
+        None,
+        description="torch intra-op threads in this replica; None = the node's cores, split "
+        "between prefill and decode when they run as separate processes",
+    )
 
 
 class ServerSettings(_Strict):
@@ -104,6 +114,19 @@ class InferosConfig(_Strict):
     def from_yaml(cls, path: str | Path) -> InferosConfig:
         data = yaml.safe_load(Path(path).read_text()) or {}
         return cls.model_validate(data)
+
+    def threads_for(self, role: str, num_cpus: int) -> int:
+        """torch threads for `role` on a node with `num_cpus` cores: the role's setting, or
+        all cores for a lone engine process, half each when prefill and decode share them
+        (two OpenMP teams on the same cores stall each other at every barrier)."""
+        settings: RoleSettings = getattr(self, role)
+        if settings.torch_threads is not None:
+            return settings.torch_threads
+        if role == "ingress":
+            return 1
+        if self.scheduling.pd_mode == "colocated":
+            return max(1, num_cpus)
+        return max(1, num_cpus // 2)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

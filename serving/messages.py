@@ -36,11 +36,14 @@ class PrefillResult:
 
 @dataclass(frozen=True, slots=True)
 class DecodeRequest:
+    """`kv_key`/`first_token_id` set: continue from a prefill replica's KV in the store;
+    both None: colocated, the decode replica prefills the prompt itself."""
+
     req_id: str
     prompt_token_ids: list[int]
-    first_token_id: int
+    first_token_id: int | None
     params: SamplingParams
-    kv_key: str
+    kv_key: str | None
     subscriber_id: str  # the ingress replica whose stream carries this request's tokens
 
 

@@ -36,7 +36,8 @@ class LlamaArch:
         archs = set(cfg.get("architectures") or ["LlamaForCausalLM"])
         if not archs & SUPPORTED_ARCHITECTURES:
             raise ValueError(
-                f"unsupported architecture {sorted(archs)}; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {sorted(archs)}; "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
             )
         num_heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")

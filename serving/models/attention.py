@@ -74,14 +74,23 @@ def paged_attention(
     return torch.cat(outputs, dim=0)
 
 
+def gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """`[2, B, nb * block_size, Hkv, D]`: the blocks of each row of `block_tables [B, nb]`.
+
+    `index_select` on a flat view: about twice as fast on CPU as advanced indexing."""
+    two, num_blocks, block_size, num_kv_heads, head_dim = layer_cache.shape
+    rows, nb = block_tables.shape
+    flat = layer_cache.view(two, num_blocks, -1).index_select(1, block_tables.reshape(-1))
+    return flat.view(two, rows, nb * block_size, num_kv_heads, head_dim)
+
+
 def _gather_context(
     layer_cache: torch.Tensor, block_table: torch.Tensor, context_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     block_size = layer_cache.shape[2]
     num_blocks = -(-context_len // block_size)
-    blocks = layer_cache[:, block_table[:num_blocks]]  # [2, nb, bs, Hkv, D]
-    kv = blocks.flatten(1, 2)[:, :context_len]  # [2, ctx, Hkv, D]
-    return kv[0], kv[1]
+    kv = gather_blocks(layer_cache, block_table[None, :num_blocks])[:, 0, :context_len]
+    return kv[0], kv[1]  # [ctx, Hkv, D] each
 
 
 def _causal_attention(
@@ -120,8 +129,8 @@ def _decode_attention(
     group = num_heads // num_kv_heads
     max_len = int(meta.context_lens_list and max(meta.context_lens_list))
     num_blocks = -(-max_len // block_size)
-    kv = layer_cache[:, meta.block_tables[:, :num_blocks]]  # [2, B, nb, bs, Hkv, D]
-    kv = kv.flatten(2, 3)[:, :, :max_len].transpose(2, 3)  # [2, B, Hkv, L, D]
+    kv = gather_blocks(layer_cache, meta.block_tables[:, :num_blocks])  # [2, B, nb*bs, Hkv, D]
+    kv = kv[:, :, :max_len].transpose(2, 3)  # [2, B, Hkv, L, D]
     qg = q.view(num_seqs, num_kv_heads, group, head_dim).to(kv.dtype)
     valid = torch.arange(max_len, device=q.device)[None, :] < meta.context_lens[:, None]
     out = F.scaled_dot_product_attention(
