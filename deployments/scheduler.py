@@ -65,6 +65,12 @@ class SchedulerActor:
         self.metrics.decision("disaggregated" if prefill else "colocated")
         return RoutePlan(req_id=req_id, prefill_replica=prefill, decode_replica=decode)
 
+    async def set_pd_mode(self, mode: str) -> None:
+        """Switch between disaggregated and colocated routing without a restart."""
+        if mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"pd_mode must be disaggregated or colocated, not {mode!r}")
+        self.pd_mode = mode
+
     async def prefill_done(self, req_id: str) -> None:
         prefill, decode = self.assignments.get(req_id, (None, ""))
         if prefill is not None and prefill in self.replicas[Role.PREFILL]:
@@ -87,7 +93,11 @@ class SchedulerActor:
         return {
             role.value: {rid: _state_dict(s) for rid, s in pool.items()}
             for role, pool in self.replicas.items()
-        } | {"num_routed": self.num_routed, "in_flight": len(self.assignments)}
+        } | {
+            "num_routed": self.num_routed,
+            "in_flight": len(self.assignments),
+            "pd_mode": self.pd_mode,
+        }
 
     async def metrics_texts(self) -> list[str]:
         live = {rid for pool in self.replicas.values() for rid in pool}
