@@ -27,6 +27,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--stream-interval", type=int, help="engine steps per streamed chunk (default 1)"
     )
+    p.add_argument(
+        "--pd-mode",
+        choices=["disaggregated", "colocated"],
+        help="disaggregated (default): prefill replicas hand KV to decode through the store; "
+        "colocated: decode replicas prefill too",
+    )
 
 
 def build_config(args: argparse.Namespace) -> InferosConfig:
@@ -43,6 +49,7 @@ def build_config(args: argparse.Namespace) -> InferosConfig:
         ("prefill", "num_replicas"): args.prefill_replicas,
         ("decode", "num_replicas"): args.decode_replicas,
         ("scheduling", "stream_interval"): args.stream_interval,
+        ("scheduling", "pd_mode"): args.pd_mode,
     }
     for (section, key), value in overrides.items():
         if value is not None:
