@@ -23,7 +23,10 @@ from serving.models.loader import load_model, parse_dtype
 
 logger = logging.getLogger(__name__)
 
-REPORT_PERIOD_S = 0.25
+# Every wake-up of another process on a small box stalls the engine's OpenMP team, so
+# reports are sparse: routing also counts what it sent each replica since the last report.
+REPORT_PERIOD_S = 0.5
+METRICS_EVERY_N_REPORTS = 2
 STEP_TIME_EWMA = 0.2
 
 
@@ -80,7 +83,7 @@ class EngineReplica:
     def _on_outputs(self, outputs: list[StepOutput]) -> None:
         raise NotImplementedError
 
-    def _load(self) -> ReplicaLoad:
+    def _load(self, with_metrics: bool) -> ReplicaLoad:
         engine = self.engine
         self.metrics.running.set(engine.num_running)
         self.metrics.waiting.set(engine.num_waiting)
@@ -95,15 +98,17 @@ class EngineReplica:
             num_waiting=engine.num_waiting,
             kv_usage=engine.kv_usage,
             step_time_s=self.step_time_s,
-            metrics_text=self.metrics.exposition(),
+            metrics_text=self.metrics.exposition() if with_metrics else "",
         )
 
     _preemptions_reported = 0
 
     async def _report_loop(self) -> None:
+        n = 0
         while True:
+            n += 1
             try:
-                await self.scheduler.report.remote(self._load())
+                await self.scheduler.report.remote(self._load(n % METRICS_EVERY_N_REPORTS == 1))
             except Exception:  # the scheduler restarting must not kill the replica
                 logger.warning("load report to the scheduler failed", exc_info=True)
             await asyncio.sleep(REPORT_PERIOD_S)

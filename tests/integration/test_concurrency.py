@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from openai import AsyncOpenAI
@@ -61,10 +62,15 @@ def test_sixteen_concurrent_streams_are_batched(app) -> None:
         assert completion_tokens == MAX_TOKENS
         assert text
 
-    after = app.metrics_text()
-    assert _decode_steps_with_batch_above_one(after) > batched_before, (
-        "no decode step ran more than one sequence"
-    )
+    # replicas push their metrics about once a second: poll until this run shows up
+    deadline = time.monotonic() + 15
+    while True:
+        after = app.metrics_text()
+        batched = _decode_steps_with_batch_above_one(after)
+        if batched > batched_before or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert batched > batched_before, "no decode step ran more than one sequence"
     generated = total(after, "inferos:generation_tokens_total") - total(
         before, "inferos:generation_tokens_total"
     )
