@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from serving.env import DEFAULT_MODEL_NAME
+from serving.env import DEFAULT_MODEL_NAME, default_model_dir
 
 # Names that mean "the bundled default", including the Hub id people habitually type.
 DEFAULT_ALIASES = frozenset({"default", DEFAULT_MODEL_NAME, f"HuggingFaceTB/{DEFAULT_MODEL_NAME}"})
@@ -20,9 +20,11 @@ def resolve_model_path(model: str | None) -> Path:
     Aliases win over a same-named relative folder: `./default` must be written with its `./`.
     """
     if model is None or model in DEFAULT_ALIASES:
-        from serving.models.pull import ensure_default_model  # lazy: pulls in torch/transformers
+        # lazy: pulls in torch/transformers
+        from serving.models.pull import ensure_default_model, is_converted
 
-        return ensure_default_model()
+        # quiet when there is nothing to do: every replica resolves the model at start
+        return ensure_default_model(progress=not is_converted(default_model_dir()))
     path = Path(model).expanduser()
     if not path.exists():
         raise FileNotFoundError(
