@@ -134,27 +134,25 @@ class Ingress:
         except ServeError as e:
             self.metrics.error(e.http_status)
             raise
+        # Counted out in `_generate`'s finally: that runs however the request ends, even
+        # for a stream the client dropped before it began (asyncio closes the generator).
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
+        events = self._generate(prepared, started)
         try:
-            events = self._generate(prepared, started)
             first = await anext(events)  # routing/prefill errors surface as HTTP errors here
-        except BaseException as e:
-            self._done()
-            if isinstance(e, ServeError):
-                self.metrics.error(e.http_status)
-            raise
-        if prepared.stream:
-            return StreamingResponse(
-                self._sse(prepared, first, events), media_type="text/event-stream"
-            )
-        try:
-            return JSONResponse(await self._collect(prepared, first, events))
         except ServeError as e:
             self.metrics.error(e.http_status)
             raise
-        finally:
-            self._done()
+        if prepared.stream:
+            return StreamingResponse(
+                self._sse(prepared, first, events, started), media_type="text/event-stream"
+            )
+        try:
+            return JSONResponse(await self._collect(prepared, first, events, started))
+        except ServeError as e:
+            self.metrics.error(e.http_status)
+            raise
 
     def _done(self) -> None:
         self.in_flight -= 1
@@ -224,12 +222,13 @@ class Ingress:
 
     async def _generate(self, p: Prepared, started: float) -> AsyncIterator[TokenDelta]:
         """Routes, prefills and decodes one request; yields its token deltas."""
-        plan: RoutePlan | None = await self.scheduler.route.remote(p.req_id, len(p.prompt_ids))
-        if plan is None:
-            raise Unavailable("no decode replica is ready yet; retry shortly")
+        plan: RoutePlan | None = None
         finished = False
         kv_key = None
         try:
+            plan = await self.scheduler.route.remote(p.req_id, len(p.prompt_ids))
+            if plan is None:
+                raise Unavailable("no decode replica is ready yet; retry shortly")
             if plan.prefill_replica is not None:
                 first, kv_key = await self._prefill(p, plan.prefill_replica)
                 if first.finished:
@@ -250,12 +249,14 @@ class Ingress:
                 finished = delta.finished
                 yield delta
         finally:
+            self._done()
             self.mux.close(p.req_id)
-            self.scheduler.finished.remote(p.req_id)
-            if not finished:  # client went away, a stop string matched, or an error
-                self.decode.abort.remote(p.req_id, replica_id=plan.decode_replica)
-                if kv_key is not None:  # nobody will resume it: free the blocks now
-                    self.kv_store.drop.remote(kv_key)
+            if plan is not None:
+                self.scheduler.finished.remote(p.req_id)
+                if not finished:  # client went away, a stop string matched, or an error
+                    self.decode.abort.remote(p.req_id, replica_id=plan.decode_replica)
+                    if kv_key is not None:  # nobody will resume it: free the blocks now
+                        self.kv_store.drop.remote(kv_key)
 
     async def _prefill(self, p: Prepared, replica_id: str) -> tuple[TokenDelta, str | None]:
         result = await self.prefill.prefill.remote(
@@ -308,8 +309,7 @@ class Ingress:
             delta = await anext(events, None)
         raise Unavailable("the decode stream ended early")
 
-    async def _collect(self, p: Prepared, first: TokenDelta, events) -> dict:
-        started = time.perf_counter()
+    async def _collect(self, p: Prepared, first: TokenDelta, events, started: float) -> dict:
         parts: list[str] = []
         reason, usage = None, Usage(len(p.prompt_ids))
         try:
@@ -322,8 +322,9 @@ class Ingress:
         self.metrics.e2e.observe(time.perf_counter() - started)
         return p.builder.full("".join(parts), reason, usage)
 
-    async def _sse(self, p: Prepared, first: TokenDelta, events) -> AsyncIterator[str]:
-        started = time.perf_counter()
+    async def _sse(
+        self, p: Prepared, first: TokenDelta, events, started: float
+    ) -> AsyncIterator[str]:
         b = p.builder
         try:
             if b.chat:
@@ -344,7 +345,6 @@ class Ingress:
             yield sse_error(e.message, e.error_type, e.http_status)
         finally:
             await events.aclose()
-            self._done()
         yield SSE_DONE
 
 

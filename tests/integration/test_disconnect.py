@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import MODEL
+from tests.integration.metrics_util import total
 
 pytestmark = pytest.mark.integration
 
@@ -37,3 +38,10 @@ def test_disconnect_mid_stream_frees_sequence_and_blocks(app) -> None:
             break
         time.sleep(0.5)
     assert stats["num_running"] == 0 and stats["kv_blocks_used"] == 0, stats
+    # the ingress counted the dropped request out of its admission limit
+    while time.monotonic() < deadline + 10:
+        in_flight = total(app.metrics_text(), "inferos:ingress_requests_in_flight")
+        if in_flight == 0:
+            break
+        time.sleep(0.5)
+    assert in_flight == 0
