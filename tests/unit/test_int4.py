@@ -65,3 +65,32 @@ def test_repack_skips_layers_not_on_grid() -> None:
     model = nn.Sequential(lin)
     assert repack_int4(model, {"0.weight": torch.randn(32, 64)}, max_int4_tokens=8) == 0
     assert model[0] is lin
+
+
+def test_default_model_repacks_every_linear_layer_and_keeps_its_predictions(model_folder) -> None:
+    """On SmolLM2 (Q4_1 source) all 120 linear layers repack, and a decode step on the int4
+    path predicts what the dense bf16 path predicts."""
+    from serving.engine.engine import EngineConfig, LLMEngine
+    from serving.engine.sampling_params import SamplingParams
+    from serving.engine.sequence import Sequence
+    from serving.models.loader import load_model
+
+    dense = load_model(model_folder, torch.bfloat16, max_positions=512)
+    packed = load_model(model_folder, torch.bfloat16, max_positions=512, int4_max_tokens=8)
+    assert sum(isinstance(m, HybridInt4Linear) for m in packed.modules()) == 120
+    assert not any(isinstance(m, HybridInt4Linear) for m in dense.modules())
+
+    def next_token_logits(model) -> torch.Tensor:
+        engine = LLMEngine(model, EngineConfig(num_blocks=16, kv_dtype="bfloat16"), (2,))
+        prompts = [list(range(200, 260)), list(range(900, 930)), list(range(4000, 4045))]
+        for i, ids in enumerate(prompts):
+            engine.add_request(Sequence(f"r{i}", ids, SamplingParams(max_tokens=3, temperature=0)))
+        engine.step()  # prefill (dense in both: more than 8 tokens)
+        batch = engine.scheduler.schedule()  # the 3-sequence decode step: int4 in `packed`
+        with torch.inference_mode():
+            return engine.runner.execute(batch)
+
+    expected, got = next_token_logits(dense), next_token_logits(packed)
+    assert torch.equal(expected.argmax(-1), got.argmax(-1))
+    # bf16 rounding of activations and of the group scales, nothing more
+    assert (expected - got).abs().max() < 0.05 * expected.abs().max()
