@@ -36,3 +36,8 @@ def shared_data_dir() -> Path:
 
 def wikitext_path() -> Path:
     return shared_data_dir() / "wikitext2-dev.txt"
+
+
+def config_path() -> str | None:
+    """YAML config for `deployments.serve_entry:app` (KubeRay / `serve run`)."""
+    return os.environ.get("INFEROS_CONFIG") or None
