@@ -1,0 +1,112 @@
+"""Per-sequence speculation length: how many draft tokens to verify on the next step.
+
+Pure Python, no engine state. The engine asks `next_k()` before a step and reports what
+happened with `update()` after it.
+
+Rule:
+
+* Acceptance. `acceptance` is an EWMA (weight `alpha` on the newest step) of the per-token
+  acceptance rate num_accepted / num_proposed. Treating drafted tokens as accepted
+  independently with rate a, the j-th draft token adds a^j expected emitted tokens.
+* Length. Speculate while that marginal gain pays for drafting and verifying one more
+  token: k = floor(ln(min_gain) / ln(a)), the largest k with a^k >= min_gain, clamped to
+  [1, k_max]. High acceptance -> long drafts; low acceptance -> k = 1.
+* Off switch. Each verify step is one target forward pass that emits num_accepted + 1
+  tokens; `tokens_per_pass` is its EWMA. If it stays below 1 + `margin` for `patience`
+  consecutive verify steps, speculation is not paying for its overhead (draft work, wider
+  target pass) and the controller switches off: next_k() returns 0.
+* Probe. After `probe_after` steps off (steps reported as update(0, 0)) it switches back on
+  with fresh tokens-per-pass bookkeeping, because the text may have become predictable
+  again (e.g. the model started quoting the prompt). The acceptance EWMA is reset to the
+  prior so the probe starts from a neutral k rather than the stale low estimate.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class SpecController:
+    """Adaptive draft length for one sequence. See the module docstring for the rule."""
+
+    def __init__(
+        self,
+        k_max: int = 5,
+        alpha: float = 0.3,
+        initial_acceptance: float = 0.6,
+        min_gain: float = 0.25,
+        margin: float = 0.2,
+        patience: int = 4,
+        probe_after: int = 32,
+    ) -> None:
+        if k_max < 0:
+            raise ValueError("k_max must be >= 0")
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError("alpha must be in (0, 1]")
+        if not 0.0 <= initial_acceptance <= 1.0:
+            raise ValueError("initial_acceptance must be in [0, 1]")
+        if not 0.0 < min_gain < 1.0:
+            raise ValueError("min_gain must be in (0, 1)")
+        if margin < 0.0 or patience < 1 or probe_after < 1:
+            raise ValueError("margin must be >= 0, patience and probe_after >= 1")
+        self.k_max = k_max
+        self.alpha = alpha
+        self.initial_acceptance = initial_acceptance
+        self.min_gain = min_gain
+        self.margin = margin
+        self.patience = patience
+        self.probe_after = probe_after
+
+        self.acceptance = initial_acceptance
+        self.tokens_per_pass: float | None = None  # None until the first verify step
+        self.enabled = k_max > 0
+        self._low_steps = 0  # consecutive verify steps below 1 + margin
+        self._off_steps = 0  # steps spent switched off
+
+    def next_k(self) -> int:
+        """Draft length for the next step, in [0, k_max]; 0 means decode without a draft."""
+        if not self.enabled:
+            return 0
+        a = self.acceptance
+        if a >= 1.0 - 1e-9:
+            return self.k_max
+        if a <= 0.0:
+            return min(1, self.k_max)
+        k = math.floor(math.log(self.min_gain) / math.log(a) + 1e-9)
+        return max(1, min(self.k_max, k))
+
+    def update(self, num_proposed: int, num_accepted: int) -> None:
+        """Report one engine step of this sequence: how many draft tokens were verified and
+        how many survived. Call it on every step, with (0, 0) when no draft was verified, so
+        the controller can count the steps it has been switched off."""
+        if num_proposed < 0 or not 0 <= num_accepted <= num_proposed:
+            raise ValueError(f"bad update: proposed={num_proposed} accepted={num_accepted}")
+        if num_proposed == 0:
+            if not self.enabled and self.k_max > 0:
+                self._off_steps += 1
+                if self._off_steps >= self.probe_after:
+                    self._probe()
+            return
+
+        rate = num_accepted / num_proposed
+        self.acceptance += self.alpha * (rate - self.acceptance)
+        measured = float(num_accepted + 1)
+        if self.tokens_per_pass is None:
+            self.tokens_per_pass = measured
+        else:
+            self.tokens_per_pass += self.alpha * (measured - self.tokens_per_pass)
+
+        if self.tokens_per_pass < 1.0 + self.margin:
+            self._low_steps += 1
+            if self._low_steps >= self.patience:
+                self.enabled = False
+                self._off_steps = 0
+        else:
+            self._low_steps = 0
+
+    def _probe(self) -> None:
+        self.enabled = True
+        self.acceptance = self.initial_acceptance
+        self.tokens_per_pass = None
+        self._low_steps = 0
+        self._off_steps = 0
