@@ -1,0 +1,158 @@
+"""Which level each KV block of a sequence should sit at, as a pure function (no torch).
+
+Levels: L0 full precision, L1 int8, L2 int4, L3 spilled to disk. `assign_levels` applies,
+per block:
+
+1. A profile that allows only L0 (`baseline`) keeps every block at L0.
+2. Pinned blocks stay L0 under any pressure: those holding any of the first
+   `num_sink_tokens` tokens (attention sinks), any of the last `recent_window_tokens`
+   tokens, and a partial tail block (decode still appends to it).
+3. Every other block gets a *relative importance*: its importance divided by the mean over
+   these eligible blocks (1.0 = average; all 1.0 when the mean is 0, e.g. before decode).
+   Importance = attention_mass + access_weight * access_count
+   + recency_weight / (1 + steps since its last access, against the newest access)
+   - age_weight * age, floored at 0. Default weights make it the attention mass alone.
+4. The deepest allowed level whose rule fires wins, tried from L3 up:
+   L3 if pressure >= spill_pressure; L2 if pressure >= l2_pressure and relative importance
+   < l2_importance; L1 if pressure >= l1_pressure and relative importance < l1_importance;
+   else L0. A level the profile doesn't allow is skipped, never exceeded.
+
+Since each rule only fires more often as pressure rises or importance falls (profiles are
+validated so that l1_pressure <= l2_pressure <= spill_pressure and l2_importance <=
+l1_importance), more pressure never yields a shallower level and a less important block is
+never kept shallower than a more important one in the same call.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+
+_INF = math.inf
+
+
+class Level(IntEnum):
+    """Storage level of a block; a larger value is deeper (cheaper, lossier or slower)."""
+
+    L0 = 0  # fp16/bf16/fp32
+    L1 = 1  # int8
+    L2 = 2  # int4, two per byte
+    L3 = 3  # spilled
+
+
+@dataclass(frozen=True, slots=True)
+class BlockStats:
+    index: int  # position of the block in the sequence (block i holds tokens i*bs .. i*bs+bs-1)
+    attention_mass: float  # attention received, accumulated during decode
+    last_access_step: int = 0
+    access_count: int = 0
+    age: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """Windows, thresholds and allowed levels; importances are relative (1.0 = average)."""
+
+    name: str
+    recent_window_tokens: int
+    num_sink_tokens: int
+    allowed_levels: frozenset[Level]
+    l1_importance: float = 0.0  # demote to L1 below this relative importance
+    l2_importance: float = 0.0  # demote to L2 below this one (<= l1_importance)
+    l1_pressure: float = _INF  # KV pool usage fraction from which L1 demotion starts
+    l2_pressure: float = _INF
+    spill_pressure: float = _INF  # from here every eligible block is spilled (L3)
+    access_weight: float = 0.0
+    recency_weight: float = 0.0
+    age_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if Level.L0 not in self.allowed_levels:
+            raise ValueError(f"profile {self.name!r} must allow L0")
+        if not self.l1_pressure <= self.l2_pressure <= self.spill_pressure:
+            raise ValueError(f"profile {self.name!r}: pressure thresholds must be ordered")
+        if self.l2_importance > self.l1_importance:
+            raise ValueError(f"profile {self.name!r}: l2_importance must be <= l1_importance")
+        if self.recent_window_tokens < 0 or self.num_sink_tokens < 0:
+            raise ValueError(f"profile {self.name!r}: windows must be >= 0")
+
+    @property
+    def deepest_level(self) -> Level:
+        return max(self.allowed_levels)
+
+
+BASELINE = Profile("baseline", 0, 0, frozenset({Level.L0}))
+SAFE = Profile(
+    "safe", recent_window_tokens=256, num_sink_tokens=4,
+    allowed_levels=frozenset({Level.L0, Level.L1}),
+    l1_importance=0.5, l1_pressure=0.5,
+)  # fmt: skip
+BALANCED = Profile(
+    "balanced", recent_window_tokens=128, num_sink_tokens=4, allowed_levels=frozenset(Level),
+    l1_importance=1.0, l2_importance=0.25, l1_pressure=0.3, l2_pressure=0.6, spill_pressure=0.9,
+)  # fmt: skip
+AGGRESSIVE = Profile(
+    "aggressive", recent_window_tokens=64, num_sink_tokens=4, allowed_levels=frozenset(Level),
+    l1_importance=2.0, l2_importance=1.0, l1_pressure=0.0, l2_pressure=0.3, spill_pressure=0.8,
+)  # fmt: skip
+PROFILES: dict[str, Profile] = {p.name: p for p in (BASELINE, SAFE, BALANCED, AGGRESSIVE)}
+
+
+def pinned_blocks(profile: Profile, block_size: int, num_tokens: int) -> set[int]:
+    """Indices of the blocks that must stay L0: sinks, recent window, partial tail."""
+    if block_size <= 0:
+        raise ValueError("block_size must be > 0")
+    if num_tokens <= 0:
+        return set()
+    last = (num_tokens - 1) // block_size
+    sinks = range(0, -(-min(profile.num_sink_tokens, num_tokens) // block_size))
+    first_recent = max(0, num_tokens - profile.recent_window_tokens) // block_size
+    pinned = set(sinks) | set(range(first_recent, last + 1) if profile.recent_window_tokens else ())
+    if num_tokens % block_size:
+        pinned.add(last)
+    return pinned
+
+
+def block_importance(stats: BlockStats, profile: Profile, newest_step: int) -> float:
+    """Absolute importance of one block under the profile's weights (see module doc)."""
+    since = max(0, newest_step - stats.last_access_step)
+    value = (
+        stats.attention_mass
+        + profile.access_weight * stats.access_count
+        + profile.recency_weight / (1 + since)
+        - profile.age_weight * stats.age
+    )
+    return max(0.0, value)
+
+
+def _level_for(relative: float, profile: Profile, pressure: float) -> Level:
+    allowed = profile.allowed_levels
+    if Level.L3 in allowed and pressure >= profile.spill_pressure:
+        return Level.L3
+    if Level.L2 in allowed and pressure >= profile.l2_pressure and relative < profile.l2_importance:
+        return Level.L2
+    if Level.L1 in allowed and pressure >= profile.l1_pressure and relative < profile.l1_importance:
+        return Level.L1
+    return Level.L0
+
+
+def assign_levels(
+    blocks: list[BlockStats], profile: Profile, pressure: float, block_size: int, num_tokens: int
+) -> list[Level]:
+    """Level for each block, in the order given; `pressure` is the KV pool's used fraction."""
+    if profile.allowed_levels == {Level.L0} or not blocks:
+        return [Level.L0] * len(blocks)
+    pinned = pinned_blocks(profile, block_size, num_tokens)
+    eligible = [b for b in blocks if b.index not in pinned]
+    newest = max((b.last_access_step for b in blocks), default=0)
+    importance = {b.index: block_importance(b, profile, newest) for b in eligible}
+    mean = sum(importance.values()) / len(importance) if importance else 0.0
+    levels = []
+    for b in blocks:
+        if b.index in pinned:
+            levels.append(Level.L0)
+            continue
+        relative = importance[b.index] / mean if mean > 0 else 1.0
+        levels.append(_level_for(relative, profile, pressure))
+    return levels

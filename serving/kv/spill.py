@@ -1,0 +1,63 @@
+"""The spill tier (level L3): whole tensors on local disk, returned bit-identical.
+
+Demotion to L1/L2 is lossy; keeping the original block here is what makes promotion back to
+L0 reversible. Files are safetensors (no pickle, so a spill directory can't execute code,
+and bf16 is stored as raw bits). A file's name is a hash of its key, so any key string is
+safe and a new store opened on the same directory finds what an earlier one wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_SUFFIX = ".safetensors"
+_TENSOR_NAME = "block"
+
+
+class SpillStore:
+    """Key -> tensor on disk. Not thread-safe; one owner (the engine's KV manager) per directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+        return self.directory / f"{digest}{_SUFFIX}"
+
+    def put(self, key: str, tensor: torch.Tensor) -> int:
+        """Write `tensor` under `key` (replacing any previous one); returns the file's bytes.
+
+        Written to a temporary name then renamed, so a crash never leaves a torn block that
+        `get` would load as garbage.
+        """
+        path = self._path(key)
+        tmp = path.with_name(path.name + ".tmp")
+        data = tensor.detach().to("cpu").contiguous()
+        save_file({_TENSOR_NAME: data}, str(tmp))
+        os.replace(tmp, path)
+        return path.stat().st_size
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor stored under `key`, same dtype, shape and bits; KeyError if absent."""
+        path = self._path(key)
+        if not path.exists():
+            raise KeyError(key)
+        return load_file(str(path))[_TENSOR_NAME]
+
+    def drop(self, key: str) -> None:
+        """Forget `key` and free its disk space; a missing key is fine (idempotent)."""
+        self._path(key).unlink(missing_ok=True)
+
+    def __contains__(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes on disk of every stored tensor (file sizes, headers included)."""
+        return sum(p.stat().st_size for p in self.directory.glob(f"*{_SUFFIX}"))

@@ -1,0 +1,143 @@
+"""The KV level policy: pinned sinks and window, profile limits, and monotonicity in pressure
+and importance. Pure Python; randomized cases are seeded so failures reproduce."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from policies.kv_levels import (
+    AGGRESSIVE,
+    BALANCED,
+    BASELINE,
+    PROFILES,
+    SAFE,
+    BlockStats,
+    Level,
+    Profile,
+    assign_levels,
+    pinned_blocks,
+)
+
+BS = 16
+PRESSURES = [0.0, 0.1, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.5]
+
+
+def _blocks(num_tokens: int, seed: int) -> list[BlockStats]:
+    rng = random.Random(seed)
+    n = -(-num_tokens // BS)
+    return [
+        BlockStats(i, rng.random() ** 3, rng.randrange(100), rng.randrange(20), rng.random())
+        for i in range(n)
+    ]
+
+
+def _cases():
+    for seed in range(12):
+        num_tokens = random.Random(seed).randrange(1, 1200)
+        yield num_tokens, _blocks(num_tokens, seed)
+
+
+def test_profiles_registry() -> None:
+    assert set(PROFILES) == {"baseline", "safe", "balanced", "aggressive"}
+    assert SAFE.deepest_level == Level.L1 and BASELINE.deepest_level == Level.L0
+    assert BALANCED.deepest_level == AGGRESSIVE.deepest_level == Level.L3
+
+
+@pytest.mark.parametrize("profile", list(PROFILES.values()), ids=lambda p: p.name)
+def test_sinks_and_window_stay_l0_under_any_pressure(profile: Profile) -> None:
+    for num_tokens, blocks in _cases():
+        pinned = pinned_blocks(profile, BS, num_tokens)
+        sink_blocks = set(range(-(-min(profile.num_sink_tokens, num_tokens) // BS)))
+        window = {
+            t // BS for t in range(max(0, num_tokens - profile.recent_window_tokens), num_tokens)
+        }
+        assert sink_blocks | window <= pinned
+        for pressure in PRESSURES:
+            levels = assign_levels(blocks, profile, pressure, BS, num_tokens)
+            assert len(levels) == len(blocks)
+            for b, level in zip(blocks, levels, strict=True):
+                if b.index in pinned:
+                    assert level == Level.L0
+
+
+def test_pinned_block_arithmetic() -> None:
+    # 100 tokens, bs 16: blocks 0..6; 4 sinks -> block 0; 64-token window -> tokens 36..99.
+    assert pinned_blocks(AGGRESSIVE, BS, 100) == {0, 2, 3, 4, 5, 6}
+    # A partial tail is pinned even with no window; a full one is not.
+    no_window = Profile("x", 0, 0, frozenset(Level))
+    assert pinned_blocks(no_window, BS, 40) == {2}
+    assert pinned_blocks(no_window, BS, 48) == set()
+
+
+def test_baseline_always_l0() -> None:
+    for num_tokens, blocks in _cases():
+        for pressure in PRESSURES:
+            assert set(assign_levels(blocks, BASELINE, pressure, BS, num_tokens)) <= {Level.L0}
+
+
+def test_safe_never_below_l1_and_does_demote() -> None:
+    seen = set()
+    for num_tokens, blocks in _cases():
+        for pressure in PRESSURES:
+            levels = assign_levels(blocks, SAFE, pressure, BS, num_tokens)
+            assert max(levels) <= Level.L1
+            seen.update(levels)
+    assert Level.L1 in seen
+
+
+@pytest.mark.parametrize("profile", list(PROFILES.values()), ids=lambda p: p.name)
+def test_more_pressure_never_shallower(profile: Profile) -> None:
+    for num_tokens, blocks in _cases():
+        previous = [Level.L0] * len(blocks)
+        for pressure in PRESSURES:
+            levels = assign_levels(blocks, profile, pressure, BS, num_tokens)
+            assert all(now >= before for now, before in zip(levels, previous, strict=True))
+            assert all(level in profile.allowed_levels for level in levels)
+            previous = levels
+
+
+@pytest.mark.parametrize("profile", [SAFE, BALANCED, AGGRESSIVE], ids=lambda p: p.name)
+def test_less_important_never_shallower(profile: Profile) -> None:
+    for num_tokens, blocks in _cases():
+        pinned = pinned_blocks(profile, BS, num_tokens)
+        for pressure in PRESSURES:
+            levels = assign_levels(blocks, profile, pressure, BS, num_tokens)
+            free = sorted(
+                (b.attention_mass, lv)
+                for b, lv in zip(blocks, levels, strict=True)
+                if b.index not in pinned
+            )
+            assert all(a[1] >= b[1] for a, b in zip(free, free[1:], strict=False))
+
+
+def test_balanced_ladder_and_spill() -> None:
+    # 20 full blocks, window 128 tokens -> blocks 12..19 pinned, plus block 0 (sinks).
+    num_tokens = 20 * BS
+    masses = [1.0] * 20
+    masses[3], masses[5] = 0.0, 0.5  # 3: least important; 5: below average, not below 0.25x
+    blocks = [BlockStats(i, m) for i, m in enumerate(masses)]
+    at = {p: assign_levels(blocks, BALANCED, p, BS, num_tokens) for p in (0.1, 0.4, 0.7, 0.95)}
+    assert set(at[0.1]) == {Level.L0}
+    assert at[0.4][3] == at[0.4][5] == Level.L1 and at[0.4][4] == Level.L0
+    assert at[0.7][3] == Level.L2 and at[0.7][5] == Level.L1 and at[0.7][4] == Level.L0
+    assert all(lv == Level.L3 for i, lv in enumerate(at[0.95]) if 1 <= i < 12)
+    assert all(lv == Level.L0 for i, lv in enumerate(at[0.95]) if i == 0 or i >= 12)
+
+
+def test_zero_attention_mass_is_average_and_order_is_preserved() -> None:
+    blocks = [BlockStats(i, 0.0) for i in reversed(range(10))]
+    levels = assign_levels(blocks, AGGRESSIVE, 0.5, BS, 10 * BS)
+    # Aggressive: window 64 tokens -> blocks 6..9 pinned; relative 1.0 < 2.0 -> L1, not < 1.0.
+    expected = [Level.L0 if b.index in {0, 6, 7, 8, 9} else Level.L1 for b in blocks]
+    assert levels == expected
+
+
+def test_invalid_profiles_rejected() -> None:
+    with pytest.raises(ValueError):
+        Profile("bad", 0, 0, frozenset({Level.L1}))
+    with pytest.raises(ValueError):
+        Profile("bad", 0, 0, frozenset(Level), l1_pressure=0.9, l2_pressure=0.5)
+    with pytest.raises(ValueError):
+        Profile("bad", 0, 0, frozenset(Level), l1_importance=0.1, l2_importance=0.5)
