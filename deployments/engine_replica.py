@@ -38,6 +38,7 @@ class EngineReplica:
         self.config = InferosConfig.model_validate(config)
         threads = self.config.threads_for(self.role.value, os.cpu_count() or 1)
         torch.set_num_threads(threads)
+        self.default_threads = threads
         path = resolve_model_path(self.config.model.path)
         self.model_name = self.config.model.served_model_name or served_model_name(path)
         self.replica_id = serve.get_replica_context().replica_id.unique_id

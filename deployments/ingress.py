@@ -6,6 +6,7 @@ detokenize, stop strings → SSE or one JSON body.
 """
 
 import asyncio
+import contextvars
 import logging
 import time
 import uuid
@@ -50,6 +51,20 @@ async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body generator however the response ends, the client going away included,
+    so the request is aborted and counted out now — not whenever the garbage collector
+    happens to find an abandoned generator (which left decode busy for 30 s and more)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
 @dataclass(slots=True)
 class Prepared:
     """A validated request, ready to run."""
@@ -80,6 +95,7 @@ class Ingress:
         self.metrics = FrontendMetrics(self.model_name, self.replica_id)
         self.in_flight = 0
         self.created = int(time.time())
+        self._cleanups: set[asyncio.Task] = set()
 
     async def _replica_lost(self, replica_id: str) -> None:
         await self.scheduler.forget.remote(replica_id)
@@ -145,7 +161,7 @@ class Ingress:
             self.metrics.error(e.http_status)
             raise
         if prepared.stream:
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 self._sse(prepared, first, events, started), media_type="text/event-stream"
             )
         try:
@@ -230,7 +246,7 @@ class Ingress:
             if plan is None:
                 raise Unavailable("no decode replica is ready yet; retry shortly")
             if plan.prefill_replica is not None:
-                first, kv_key = await self._prefill(p, plan.prefill_replica)
+                first, kv_key = await self._prefill(p, plan.prefill_replica, plan.prefill_threads)
                 if first.finished:
                     finished = True
                     yield first
@@ -252,15 +268,33 @@ class Ingress:
             self._done()
             self.mux.close(p.req_id)
             if plan is not None:
-                self.scheduler.finished.remote(p.req_id)
-                if not finished:  # client went away, a stop string matched, or an error
-                    self.decode.abort.remote(p.req_id, replica_id=plan.decode_replica)
-                    if kv_key is not None:  # nobody will resume it: free the blocks now
-                        self.kv_store.drop.remote(kv_key)
+                self._clean_up(p.req_id, plan, kv_key, aborted=not finished)
 
-    async def _prefill(self, p: Prepared, replica_id: str) -> tuple[TokenDelta, str | None]:
+    def _clean_up(self, req_id: str, plan: RoutePlan, kv_key: str | None, aborted: bool) -> None:
+        """Tell the scheduler (and, for a request that ended early, decode and the store).
+
+        The calls go out from a task outside the request's context: made from the request
+        itself while a client disconnect cancels it, Serve cancels them too (recursive
+        cancellation) and the decode replica would go on generating for nobody."""
+        if aborted:  # client went away, a stop string matched, or an error
+            logger.info("request %s ended early: aborting it on decode", req_id)
+
+        async def send() -> None:
+            self.scheduler.finished.remote(req_id)
+            if aborted:
+                await self.decode.abort.remote(req_id, replica_id=plan.decode_replica)
+                if kv_key is not None:  # nobody will resume it: free the blocks now
+                    await self.kv_store.drop.remote(kv_key)
+
+        task = asyncio.get_running_loop().create_task(send(), context=contextvars.Context())
+        self._cleanups.add(task)  # keep a reference until done
+        task.add_done_callback(self._cleanups.discard)
+
+    async def _prefill(
+        self, p: Prepared, replica_id: str, num_threads: int | None
+    ) -> tuple[TokenDelta, str | None]:
         result = await self.prefill.prefill.remote(
-            PrefillRequest(p.req_id, p.prompt_ids, p.params), replica_id=replica_id
+            PrefillRequest(p.req_id, p.prompt_ids, p.params, num_threads), replica_id=replica_id
         )
         self.scheduler.prefill_done.remote(p.req_id)
         if result.error is not None:

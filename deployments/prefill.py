@@ -33,6 +33,7 @@ class PrefillServer(EngineReplica):
     async def prefill(self, req: PrefillRequest, replica_id: str | None = None) -> PrefillResult:
         fut: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()
         self._pending[req.req_id] = fut
+        self.thread.set_num_threads(req.num_threads or self.default_threads)
         self.thread.add(
             Sequence(req.req_id, list(req.prompt_token_ids), req.params, export_kv=True)
         )

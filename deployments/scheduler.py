@@ -8,6 +8,7 @@ The decision itself is `policies.routing` (pure); this actor only keeps the stat
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from policies.routing import ReplicaState, is_alive, least_loaded
@@ -28,6 +29,7 @@ class SchedulerActor:
         self.assignments: dict[str, tuple[str | None, str]] = {}  # req_id → (prefill, decode)
         self.metrics = SchedulerMetrics(cfg.model.served_model_name or "default")
         self.pd_mode = cfg.scheduling.pd_mode
+        self.node_cpus = os.cpu_count() or 1  # NOTE: assumes prefill and decode share a node
         self.num_routed = 0
 
     async def report(self, load: ReplicaLoad) -> None:
@@ -57,13 +59,22 @@ class SchedulerActor:
         prefill = None
         if self.pd_mode == "disaggregated":
             prefill = least_loaded(self._alive(Role.PREFILL))
-        self.replicas[Role.DECODE][decode].num_assigned += 1
+        decode_state = self.replicas[Role.DECODE][decode]
+        # Prefill and decode replicas share a CPU node's cores; while decode has nothing to
+        # do, the prefill may use all of them (2x shorter TTFT on 2 cores).
+        decode_idle = decode_state.load == 0
+        decode_state.num_assigned += 1
         if prefill is not None:
             self.replicas[Role.PREFILL][prefill].num_assigned += 1
         self.assignments[req_id] = (prefill, decode)
         self.num_routed += 1
         self.metrics.decision("disaggregated" if prefill else "colocated")
-        return RoutePlan(req_id=req_id, prefill_replica=prefill, decode_replica=decode)
+        return RoutePlan(
+            req_id=req_id,
+            prefill_replica=prefill,
+            decode_replica=decode,
+            prefill_threads=self.node_cpus if prefill is not None and decode_idle else None,
+        )
 
     async def set_pd_mode(self, mode: str) -> None:
         """Switch between disaggregated and colocated routing without a restart."""

@@ -20,6 +20,9 @@ class PrefillRequest:
     req_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # Threads the prefill may use for this prompt: the scheduler grants the whole node while
+    # decode there is idle (None: the replica's default share).
+    num_threads: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +78,4 @@ class RoutePlan:
     req_id: str
     prefill_replica: str | None  # None: prefill on the decode replica
     decode_replica: str
+    prefill_threads: int | None = None

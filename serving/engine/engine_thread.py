@@ -13,6 +13,8 @@ import queue
 import threading
 from collections.abc import Callable
 
+import torch
+
 from serving.engine.engine import LLMEngine, StepOutput, StepStats
 from serving.engine.sequence import Sequence
 
@@ -56,6 +58,11 @@ class EngineThread:
         self._inbox.put(("add", seq))
         self._wake.set()
 
+    def set_num_threads(self, num_threads: int) -> None:
+        """torch intra-op threads for the steps after this message."""
+        self._inbox.put(("threads", num_threads))
+        self._wake.set()
+
     def abort(self, req_id: str) -> None:
         self._inbox.put(("abort", req_id))
         self._wake.set()
@@ -69,6 +76,9 @@ class EngineThread:
                 return
             if kind == "add":
                 self.engine.add_request(item)  # type: ignore[arg-type]
+            elif kind == "threads":
+                if torch.get_num_threads() != item:
+                    torch.set_num_threads(item)  # type: ignore[arg-type]
             else:
                 self.engine.abort(item)  # type: ignore[arg-type]
 

@@ -1,0 +1,50 @@
+"""The scheduler actor's routing state, exercised as a plain object (no Ray needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from deployments.scheduler import SchedulerActor
+from serving.config import InferosConfig
+from serving.messages import ReplicaLoad, Role
+
+
+def _scheduler(pd_mode: str = "disaggregated") -> SchedulerActor:
+    sched = SchedulerActor(
+        InferosConfig.model_validate({"scheduling": {"pd_mode": pd_mode}}).model_dump()
+    )
+    for role, rid in ((Role.PREFILL, "p1"), (Role.DECODE, "d1"), (Role.DECODE, "d2")):
+        asyncio.run(sched.report(ReplicaLoad(role, rid, 0, 0, 0.0, 0.0)))
+    return sched
+
+
+def test_least_loaded_decode_and_whole_node_prefill_only_while_decode_is_idle() -> None:
+    sched = _scheduler()
+    first = asyncio.run(sched.route("a", 10))
+    second = asyncio.run(sched.route("b", 10))
+    third = asyncio.run(sched.route("c", 10))
+    assert first.prefill_replica == "p1"
+    assert {first.decode_replica, second.decode_replica} == {"d1", "d2"}  # spread
+    assert first.prefill_threads == (os.cpu_count() or 1)  # its decode replica was idle
+    assert second.prefill_threads == (os.cpu_count() or 1)  # so was the other one
+    assert third.prefill_threads is None  # both decode replicas busy now: default share
+    asyncio.run(sched.finished("a"))
+    asyncio.run(sched.finished("b"))
+    asyncio.run(sched.finished("c"))
+    snap = asyncio.run(sched.snapshot())
+    assert snap["in_flight"] == 0
+    assert all(s["num_assigned"] == 0 for s in snap["decode"].values())
+
+
+def test_colocated_mode_routes_without_prefill_replica() -> None:
+    sched = _scheduler("colocated")
+    plan = asyncio.run(sched.route("a", 10))
+    assert plan.prefill_replica is None and plan.prefill_threads is None
+    asyncio.run(sched.set_pd_mode("disaggregated"))
+    assert asyncio.run(sched.route("b", 10)).prefill_replica == "p1"
+
+
+def test_no_decode_replica_means_no_plan() -> None:
+    sched = SchedulerActor(InferosConfig().model_dump())
+    assert asyncio.run(sched.route("a", 10)) is None
