@@ -150,8 +150,9 @@ class Ingress:
         except ServeError as e:
             self.metrics.error(e.http_status)
             raise
-        # Counted out in `_generate`'s finally: that runs however the request ends, even
-        # for a stream the client dropped before it began (asyncio closes the generator).
+        # Counted out in `_generate`'s finally, which runs however the request ends: the
+        # streaming response closes its generator (`ClosingStreamingResponse`), and one
+        # never started is closed by asyncio when it is collected.
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         events = self._generate(prepared, started)

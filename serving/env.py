@@ -17,15 +17,6 @@ def default_model_dir() -> Path:
     return inferos_home() / "models" / DEFAULT_MODEL_NAME
 
 
-def torch_threads(default: int) -> int:
-    """Threads one engine process may use; capped so replicas on a small box don't fight."""
-    return int(os.environ.get("INFEROS_TORCH_THREADS", default))
-
-
-def admin_token() -> str | None:
-    return os.environ.get("INFEROS_ADMIN_TOKEN") or None
-
-
 def shared_data_dir() -> Path:
     """`../shared/data` beside the checkout, where WikiText-2 lives (never committed here)."""
     override = os.environ.get("INFEROS_SHARED_DATA")
