@@ -11,6 +11,7 @@ import torch
 from ray import serve
 
 from deployments.actors import kv_store_actor, scheduler_actor
+from policies.runtime import RuntimePolicy
 from serving.config import InferosConfig
 from serving.engine.engine import LLMEngine, StepOutput, StepStats
 from serving.engine.engine_thread import EngineThread
@@ -103,13 +104,22 @@ class EngineReplica:
         )
 
     _preemptions_reported = 0
+    policy_version = -1
+
+    def _apply_policy(self, policy: RuntimePolicy) -> None:
+        """A new run-time policy arrived with a report answer; roles override what they use."""
 
     async def _report_loop(self) -> None:
         n = 0
         while True:
             n += 1
             try:
-                await self.scheduler.report.remote(self._load(n % METRICS_EVERY_N_REPORTS == 1))
+                policy = await self.scheduler.report.remote(
+                    self._load(n % METRICS_EVERY_N_REPORTS == 1)
+                )
+                if policy.version != self.policy_version:
+                    self.policy_version = policy.version
+                    self._apply_policy(policy)
             except Exception:  # the scheduler restarting must not kill the replica
                 logger.warning("load report to the scheduler failed", exc_info=True)
             await asyncio.sleep(REPORT_PERIOD_S)

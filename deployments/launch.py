@@ -65,9 +65,16 @@ def wait_healthy(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url}/health not ready after {timeout_s:.0f}s (last: {last})")
 
 
-def shutdown() -> None:
+def stop_app() -> None:
+    """Remove Serve and the singleton actors but keep the Ray cluster (tests redeploy)."""
     try:
         serve.shutdown()
     finally:
         kill_singletons()
+
+
+def shutdown() -> None:
+    try:
+        stop_app()
+    finally:
         ray.shutdown()

@@ -12,6 +12,7 @@ import os
 import time
 
 from policies.routing import ReplicaState, is_alive, least_loaded
+from policies.runtime import RuntimePolicy
 from serving.config import InferosConfig
 from serving.messages import ReplicaLoad, Role, RoutePlan
 from serving.metrics import SchedulerMetrics
@@ -19,6 +20,7 @@ from serving.metrics import SchedulerMetrics
 logger = logging.getLogger(__name__)
 
 STALE_AFTER_S = 10.0
+AUTO_MIN_PREFILL_TOKENS = 256
 
 
 class SchedulerActor:
@@ -28,11 +30,19 @@ class SchedulerActor:
         self.metrics_texts_by_replica: dict[str, str] = {}
         self.assignments: dict[str, tuple[str | None, str]] = {}  # req_id → (prefill, decode)
         self.metrics = SchedulerMetrics(cfg.model.served_model_name or "default")
-        self.pd_mode = cfg.scheduling.pd_mode
+        self.policy = RuntimePolicy(
+            pd_mode=cfg.scheduling.pd_mode, kv_profile=cfg.kv_cache.profile
+        )
         self.node_cpus = os.cpu_count() or 1  # NOTE: assumes prefill and decode share a node
         self.num_routed = 0
 
-    async def report(self, load: ReplicaLoad) -> None:
+    @property
+    def pd_mode(self) -> str:
+        return self.policy.pd_mode
+
+    async def report(self, load: ReplicaLoad) -> RuntimePolicy:
+        """Record a replica's load; the answer is the current policy, so every replica
+        follows a change within one report period."""
         pool = self.replicas[load.role]
         state = pool.get(load.replica_id)
         if state is None:
@@ -43,6 +53,7 @@ class SchedulerActor:
         state.last_report_s = time.time()
         if load.metrics_text:
             self.metrics_texts_by_replica[load.replica_id] = load.metrics_text
+        return self.policy
 
     def _alive(self, role: Role) -> dict[str, ReplicaState]:
         now = time.time()
@@ -57,7 +68,7 @@ class SchedulerActor:
         if decode is None:
             return None
         prefill = None
-        if self.pd_mode == "disaggregated":
+        if self._wants_prefill_replica(num_prompt_tokens):
             prefill = least_loaded(self._alive(Role.PREFILL))
         decode_state = self.replicas[Role.DECODE][decode]
         # Prefill and decode replicas share a CPU node's cores; while decode has nothing to
@@ -76,11 +87,24 @@ class SchedulerActor:
             prefill_threads=self.node_cpus if prefill is not None and decode_idle else None,
         )
 
+    def _wants_prefill_replica(self, num_prompt_tokens: int) -> bool:
+        if self.pd_mode == "auto":
+            # a short prompt costs less to prefill in place than to ship its KV
+            return num_prompt_tokens >= AUTO_MIN_PREFILL_TOKENS
+        return self.pd_mode == "disaggregated"
+
     async def set_pd_mode(self, mode: str) -> None:
-        """Switch between disaggregated and colocated routing without a restart."""
-        if mode not in ("disaggregated", "colocated"):
-            raise ValueError(f"pd_mode must be disaggregated or colocated, not {mode!r}")
-        self.pd_mode = mode
+        """Switch between disaggregated, colocated and auto routing without a restart."""
+        await self.set_policy({"pd_mode": mode})
+
+    async def set_policy(self, changes: dict) -> RuntimePolicy:
+        """Apply a validated change (raises on a bad one, changing nothing)."""
+        self.policy = self.policy.updated(changes)
+        logger.info("policy changed: %s -> %s", changes, self.policy.model_dump())
+        return self.policy
+
+    async def get_policy(self) -> RuntimePolicy:
+        return self.policy
 
     async def prefill_done(self, req_id: str) -> None:
         prefill, decode = self.assignments.get(req_id, (None, ""))

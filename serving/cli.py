@@ -29,7 +29,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pd-mode",
-        choices=["disaggregated", "colocated"],
+        choices=["disaggregated", "colocated", "auto"],
         help="disaggregated (default): prefill replicas hand KV to decode through the store; "
         "colocated: decode replicas prefill too",
     )

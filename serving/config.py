@@ -46,7 +46,12 @@ class KVCacheSettings(_Strict):
     )
     store_budget_bytes: PositiveInt = Field(
         2 * 1024**3,
-        description="Bytes of KV the kv_store keeps referenced before dropping the oldest",
+        description="Bytes of KV the kv_store keeps in memory; beyond it, blocks are demoted, "
+        "then spilled, then (profile permitting) dropped",
+    )
+    profile: Literal["baseline", "safe", "balanced", "aggressive"] = Field(
+        "baseline",
+        description="staged-KV profile at start (changeable at run time and per request)",
     )
 
 
@@ -56,11 +61,12 @@ class SchedulingSettings(_Strict):
     max_pending_requests: PositiveInt = Field(
         256, description="Requests admitted at once by the ingress; beyond them 429"
     )
-    pd_mode: Literal["disaggregated", "colocated"] = Field(
+    pd_mode: Literal["disaggregated", "colocated", "auto"] = Field(
         "disaggregated",
         description="disaggregated: prefill replicas compute the prompt's KV and hand it to "
         "decode through the kv_store; colocated: the decode replica prefills too (one "
-        "process per request: what pays on a small CPU-only box)",
+        "process per request: what pays on a small CPU-only box); auto: per request, short "
+        "prompts prefill on the decode replica",
     )
     stream_interval: PositiveInt = Field(
         1, description="Engine steps per streamed chunk (like vLLM's --stream-interval)"

@@ -53,21 +53,62 @@ class LiveApp:
             return h.get("/metrics").text
 
 
-@pytest.fixture(scope="session")
-def app() -> Iterator[LiveApp]:
-    from deployments.launch import run_app, shutdown
+def _merge(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
 
-    # fp32 weights so greedy output can be compared token for token with transformers.
-    config = InferosConfig.model_validate(
-        {
-            "model": {"dtype": "float32"},
-            "server": {"port": _free_port()},
-            "scheduling": {"max_pending_requests": MAX_PENDING},
-            "kv_cache": {"num_blocks": 512},
-        }
-    )
-    url = run_app(config, timeout_s=600)
+
+# fp32 weights so greedy output can be compared token for token with transformers.
+DEFAULT_CONFIG: dict = {
+    "model": {"dtype": "float32"},
+    "scheduling": {"max_pending_requests": MAX_PENDING},
+    "kv_cache": {"num_blocks": 512},
+}
+
+
+class AppManager:
+    """Runs one app at a time on one Ray cluster; asking for a different config redeploys.
+
+    Tests that need their own settings (two decode replicas, a small KV budget, ...) call
+    `apps.get({...overrides...})`; the cluster stays up, only Serve and the singleton
+    actors restart (~20 s), so keep such tests grouped in one module.
+    """
+
+    def __init__(self) -> None:
+        self.current: LiveApp | None = None
+        self.current_key: str | None = None
+
+    def get(self, overrides: dict | None = None) -> LiveApp:
+        import json
+
+        from deployments.launch import run_app, stop_app
+
+        data = _merge(DEFAULT_CONFIG, overrides or {})
+        key = json.dumps(data, sort_keys=True)
+        if self.current is not None and key == self.current_key:
+            return self.current
+        if self.current is not None:
+            stop_app()
+        config = InferosConfig.model_validate(_merge(data, {"server": {"port": _free_port()}}))
+        url = run_app(config, timeout_s=600)
+        self.current, self.current_key = LiveApp(url, config), key
+        return self.current
+
+
+@pytest.fixture(scope="session")
+def apps() -> Iterator[AppManager]:
+    from deployments.launch import shutdown
+
+    manager = AppManager()
     try:
-        yield LiveApp(url, config)
+        yield manager
     finally:
         shutdown()
+
+
+@pytest.fixture
+def app(apps: AppManager) -> LiveApp:
+    """The app with the default test config (started on first use, shared)."""
+    return apps.get()
