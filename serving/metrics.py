@@ -28,6 +28,8 @@ STEP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32
                         2.56)
 # fmt: on
 LABELS = ("model", "role", "replica")
+# The staged-KV levels (ARCHITECTURE.md): L0 full precision, L1 int8, L2 int4, L3 spilled.
+KV_LEVELS = ("L0", "L1", "L2", "L3")
 
 
 class _Instruments:
@@ -38,8 +40,8 @@ class _Instruments:
     def _counter(self, name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
         return Counter(P + name, doc, LABELS + extra, registry=self.registry)
 
-    def _gauge(self, name: str, doc: str) -> Gauge:
-        return Gauge(P + name, doc, LABELS, registry=self.registry)
+    def _gauge(self, name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(P + name, doc, LABELS + extra, registry=self.registry)
 
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(P + name, doc, LABELS, buckets=buckets, registry=self.registry)
@@ -118,6 +120,40 @@ class EngineMetrics(_Instruments):
         self.kv_transfer_bytes = self._counter(
             "kv_transfer_bytes", "KV bytes exported to or imported from the store."
         ).labels(**lb)
+        # Speculative decoding, vLLM's names: acceptance rate = accepted / draft tokens.
+        # They exist (at 0) from the start so dashboards and alerts find the series.
+        self.spec_num_drafts = self._counter(
+            "spec_decode_num_drafts", "Speculative drafts proposed (one per sequence and step)."
+        ).labels(**lb)
+        self.spec_num_draft_tokens = self._counter(
+            "spec_decode_num_draft_tokens", "Draft tokens proposed."
+        ).labels(**lb)
+        self.spec_num_accepted_tokens = self._counter(
+            "spec_decode_num_accepted_tokens", "Draft tokens accepted by the target model."
+        ).labels(**lb)
+        self._spec_accepted_per_pos = self._counter(
+            "spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens by position in the draft.",
+            ("position",),
+        )
+        self.fallbacks = self._counter(
+            "policy_fallbacks", "Fallbacks to a safer path (execution provider, KV level, ...)."
+        ).labels(**lb)
+        self._provider = self._gauge(
+            "execution_provider_info",
+            "1 for the execution provider this replica runs on.",
+            ("provider",),
+        )
+        self.execution_provider("torch-cpu")
+
+    def spec_accepted_at(self, position: int, n: int = 1) -> None:
+        """Count `n` accepted draft tokens at draft position `position` (0-based)."""
+        self._spec_accepted_per_pos.labels(**self.labels, position=str(position)).inc(n)
+
+    def execution_provider(self, provider: str) -> None:
+        """Mark `provider` (e.g. torch-cpu, torch-cuda, onnx-dml) as the one in use."""
+        self._provider.clear()
+        self._provider.labels(**self.labels, provider=provider).set(1)
 
 
 class StoreMetrics(_Instruments):
@@ -134,6 +170,28 @@ class StoreMetrics(_Instruments):
         self.evictions = self._counter(
             "kv_store_evictions", "Sequences dropped for budget."
         ).labels(**lb)
+        # Staged KV: one series per level, all present (at 0) from the start.
+        blocks = self._gauge("kv_blocks_per_level", "KV blocks held at each level.", ("level",))
+        nbytes = self._gauge("kv_bytes_per_level", "KV bytes held at each level.", ("level",))
+        self.blocks_per_level = {lv: blocks.labels(**lb, level=lv) for lv in KV_LEVELS}
+        self.bytes_per_level = {lv: nbytes.labels(**lb, level=lv) for lv in KV_LEVELS}
+        for lv in KV_LEVELS:
+            self.blocks_per_level[lv].set(0)
+            self.bytes_per_level[lv].set(0)
+        self.demotions = self._counter(
+            "kv_demotions", "KV blocks moved to a lower-precision level."
+        ).labels(**lb)
+        self.promotions = self._counter(
+            "kv_promotions", "KV blocks restored to a higher-precision level."
+        ).labels(**lb)
+        self.spills = self._counter("kv_spills", "KV blocks written to the spill tier.").labels(
+            **lb
+        )
+        self.delta_ppl_estimate = self._gauge(
+            "kv_delta_ppl_estimate",
+            "Estimated perplexity increase caused by lossy KV levels (NaN until estimated).",
+        ).labels(**lb)
+        self.delta_ppl_estimate.set(math.nan)
 
 
 class SchedulerMetrics(_Instruments):
