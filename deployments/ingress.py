@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
 from deployments.actors import kv_store_actor, scheduler_actor
+from deployments.control_api import ControlAPI, control_router
 from deployments.decode_mux import DecodeMux
 from serving.api.detokenizer import IncrementalDetokenizer
 from serving.api.errors import (
@@ -43,6 +44,7 @@ from serving.models.hf_folder import resolve_model_path, served_model_name
 
 logger = logging.getLogger(__name__)
 app = FastAPI(title="Infer-OS Serve")
+app.include_router(control_router)  # control API (/v1/policy, ...) and the console at /
 
 
 @app.exception_handler(ServeError)
@@ -93,6 +95,10 @@ class Ingress:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.mux = DecodeMux(decode, self.replica_id, self._replica_lost)
         self.metrics = FrontendMetrics(self.model_name, self.replica_id)
+        app.state.control = ControlAPI(
+            self.config, self.model_name, self.replica_id, self.scheduler, self.kv_store,
+            self.metrics,
+        )  # fmt: skip
         self.in_flight = 0
         self.created = int(time.time())
         self._cleanups: set[asyncio.Task] = set()

@@ -12,6 +12,7 @@ import os
 import time
 
 from policies.routing import ReplicaState, is_alive, least_loaded
+from policies.run_context import RunContext
 from policies.runtime import RuntimePolicy
 from serving.config import InferosConfig
 from serving.messages import ReplicaLoad, Role, RoutePlan
@@ -34,6 +35,8 @@ class SchedulerActor:
             pd_mode=cfg.scheduling.pd_mode, kv_profile=cfg.kv_cache.profile
         )
         self.node_cpus = os.cpu_count() or 1  # NOTE: assumes prefill and decode share a node
+        self.max_model_len = cfg.model.max_model_len
+        self.run_context: RunContext | None = None
         self.num_routed = 0
 
     @property
@@ -105,6 +108,20 @@ class SchedulerActor:
 
     async def get_policy(self) -> RuntimePolicy:
         return self.policy
+
+    async def set_run_context(self, context: dict) -> RunContext:
+        """Validate and store the operator's expectations (raises on bad input, keeping the
+        previous context); nothing acts on them yet."""
+        version = self.run_context.version + 1 if self.run_context else 1
+        if "version" in context:
+            raise ValueError("version is set by the scheduler, not by callers")
+        ctx = RunContext.model_validate({**context, "version": version})
+        self.run_context = ctx.check_fits(self.max_model_len)
+        logger.info("run context set: %s", self.run_context.model_dump())
+        return self.run_context
+
+    async def get_run_context(self) -> RunContext | None:
+        return self.run_context
 
     async def prefill_done(self, req_id: str) -> None:
         prefill, decode = self.assignments.get(req_id, (None, ""))

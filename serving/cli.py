@@ -7,8 +7,10 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 from serving.config import InferosConfig
+from serving.env import admin_token
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -24,6 +26,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-replicas", type=int)
     p.add_argument("--decode-replicas", type=int)
     p.add_argument("--api-key")
+    p.add_argument(
+        "--admin-token", help="token for the control API (default: $INFEROS_ADMIN_TOKEN)"
+    )
+    p.add_argument(
+        "--telemetry-dir", help="write live metrics as JSON lines every second to this folder"
+    )
     p.add_argument(
         "--stream-interval", type=int, help="engine steps per streamed chunk (default 1)"
     )
@@ -46,6 +54,9 @@ def build_config(args: argparse.Namespace) -> InferosConfig:
         ("server", "host"): args.host,
         ("server", "port"): args.port,
         ("server", "api_key"): args.api_key,
+        ("server", "admin_token"): args.admin_token or admin_token(),
+        # an absolute path: Ray workers do not share the driver's working directory
+        ("server", "telemetry_dir"): args.telemetry_dir and str(Path(args.telemetry_dir).resolve()),
         ("prefill", "num_replicas"): args.prefill_replicas,
         ("decode", "num_replicas"): args.decode_replicas,
         ("scheduling", "stream_interval"): args.stream_interval,

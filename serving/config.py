@@ -93,6 +93,16 @@ class ServerSettings(_Strict):
     api_key: str | None = Field(
         None, description="If set, requests need 'Authorization: Bearer KEY'"
     )
+    admin_token: str | None = Field(
+        None,
+        description="Token for the control API's changes (POST /v1/policy, /v1/run-context: "
+        "'Authorization: Bearer TOKEN'); None = INFEROS_ADMIN_TOKEN, unset = changes refused",
+    )
+    telemetry_dir: str | None = Field(
+        None,
+        description="If set, the ingress appends a JSON line of live metrics every "
+        "second to DIR/metrics_*.jsonl",
+    )
 
 
 class InferosConfig(_Strict):

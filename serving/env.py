@@ -32,3 +32,8 @@ def wikitext_path() -> Path:
 def config_path() -> str | None:
     """YAML config for `deployments.serve_entry:app` (KubeRay / `serve run`)."""
     return os.environ.get("INFEROS_CONFIG") or None
+
+
+def admin_token() -> str | None:
+    """Token guarding the control API (`--admin-token` / `server.admin_token` win over it)."""
+    return os.environ.get("INFEROS_ADMIN_TOKEN") or None

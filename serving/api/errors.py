@@ -36,6 +36,12 @@ class Unauthorized(ServeError):
     code = "invalid_api_key"
 
 
+class Forbidden(ServeError):
+    http_status = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+
 class UnknownModel(ServeError):
     http_status = 404
     error_type = "invalid_request_error"
