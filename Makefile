@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: install model serve test lint unit integration bench clean
+.PHONY: install model serve test lint unit integration e2e-deps bench clean
 
 # torch first and pinned: the CPU build of 2.13.0 lies on our machines' disk, while an
 # unpinned resolve would fetch a multi-GB CUDA build. Never install torchvision here.
@@ -36,10 +36,23 @@ lint: install
 unit: model
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
 
-integration: model
+integration: model e2e-deps
 	$(PY) -m pytest tests/integration -q $(PYTEST_ARGS)
 
-test: model lint
+# Debian packages the integration tests drive for real: a Prometheus server that scrapes the
+# app, and headless Chromium for the console (Playwright cannot download its own browser here).
+# Idempotent: apt runs only for what is missing (CI runs as root; elsewhere through sudo).
+E2E_APT := prometheus chromium
+e2e-deps: install
+	@missing=""; for p in $(E2E_APT); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  echo "installing$$missing (apt)"; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+test: model lint e2e-deps
 	$(PY) -m pytest tests -q --durations=15 $(PYTEST_ARGS)
 
 bench: install
