@@ -1,8 +1,11 @@
-"""Fixed-size KV block allocator: the bookkeeping half of the paged KV pool (no tensors)."""
+"""Fixed-size KV block allocator: the bookkeeping half of the paged KV pool (no tensors).
+
+With staged KV, quantized units (held outside the pool) count against the same byte
+budget through `extra_bytes`: the budget is `num_blocks` full-precision blocks, so every
+byte saved by a demotion is a byte another sequence's L0 blocks may use.
+"""
 
 from __future__ import annotations
-
-from collections import deque
 
 
 class NoFreeBlocks(RuntimeError):
@@ -12,31 +15,49 @@ class NoFreeBlocks(RuntimeError):
 class BlockPool:
     """Hands out block ids `0..num_blocks-1`; a block belongs to exactly one sequence."""
 
-    def __init__(self, num_blocks: int):
+    def __init__(self, num_blocks: int, block_bytes: int = 0):
         if num_blocks <= 0:
             raise ValueError("num_blocks must be positive")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self.block_bytes = block_bytes
+        self.extra_bytes = 0  # quantized KV held elsewhere against this pool's budget
+        # A stack, lowest id on top: recently freed blocks are reused first, so the pages
+        # of a big, mostly idle pool are never touched (and never resident).
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        if not self.block_bytes:
+            return len(self._free)
+        by_bytes = (self.budget_bytes - self.used_bytes) // self.block_bytes
+        return max(0, min(len(self._free), by_bytes))
 
     @property
     def num_used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
     @property
+    def used_bytes(self) -> int:
+        return self.num_used_blocks * self.block_bytes + self.extra_bytes
+
+    @property
     def usage(self) -> float:
-        return self.num_used_blocks / self.num_blocks
+        """Fraction of the budget in use (blocks and quantized units)."""
+        if not self.block_bytes:
+            return self.num_used_blocks / self.num_blocks
+        return self.used_bytes / self.budget_bytes
 
     def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+        return n <= self.num_free_blocks
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise NoFreeBlocks(f"need {n} KV blocks, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        if n > self.num_free_blocks:
+            raise NoFreeBlocks(f"need {n} KV blocks, {self.num_free_blocks} free")
+        return [self._free.pop() for _ in range(n)]
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(blocks)
+        self._free.extend(b for b in reversed(blocks) if b >= 0)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,10 +18,19 @@ from serving.engine.model_runner import ModelRunner
 from serving.engine.sampler import sample
 from serving.engine.scheduler import BatchScheduler, SchedulerOutput
 from serving.engine.sequence import FinishReason, Sequence
+from serving.engine.staged_kv import StagedKVManager
 from serving.kv.block_format import KVPayload
 from serving.models.llama import LlamaForCausalLM
 
+if TYPE_CHECKING:
+    from serving.spec.decode_step import SpecDecodeStep
+
 logger = logging.getLogger(__name__)
+
+# Staged KV: levels are re-decided every this many decode steps, and attention mass is
+# sampled on every IMPORTANCE_EVERY-th one (one extra QK^T on one layer).
+REBALANCE_EVERY = 16
+IMPORTANCE_EVERY = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +41,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 4096
     max_model_len: int = 2048
     kv_dtype: str = "float32"
+    kv_profile: str = "baseline"  # staged-KV profile (policies.kv_levels.PROFILES)
+    kv_unit_tokens: int = 64  # tokens quantized together (a run of whole blocks)
+    kv_spill_dir: str | None = None  # where originals of demoted units go; None = a tempdir
 
 
 @dataclass(slots=True)
@@ -53,23 +67,46 @@ class StepStats:
 
 class LLMEngine:
     def __init__(
-        self, model: LlamaForCausalLM, config: EngineConfig, eos_token_ids: tuple[int, ...]
+        self,
+        model: LlamaForCausalLM | None,
+        config: EngineConfig,
+        eos_token_ids: tuple[int, ...],
+        runner: ModelRunner | None = None,
     ):
+        """`runner`: another backend's model runner (`serving.backends`), in place of a
+        torch `ModelRunner` over `model`."""
         self.config = config
         self.eos_token_ids = eos_token_ids
-        self.runner = ModelRunner(
-            model, config.num_blocks, config.block_size, getattr(torch, config.kv_dtype)
+        if runner is None:
+            assert model is not None
+            runner = ModelRunner(
+                model, config.num_blocks, config.block_size, getattr(torch, config.kv_dtype)
+            )
+        self.runner = runner
+        self.block_pool = BlockPool(config.num_blocks, self.runner.layout.bytes_per_block())
+        self.staged = StagedKVManager(
+            self.runner.kv_cache,
+            self.block_pool,
+            config.block_size,
+            profile=config.kv_profile,
+            spill_dir=Path(config.kv_spill_dir) if config.kv_spill_dir else None,
+            unit_tokens=config.kv_unit_tokens,
         )
-        self.block_pool = BlockPool(config.num_blocks)
         self.scheduler = BatchScheduler(
             self.block_pool,
             config.block_size,
             config.max_num_seqs,
             config.max_num_batched_tokens,
-            on_admit=lambda seq: self.runner.import_blocks(seq.block_table, seq.kv_import),
+            on_admit=self._import,
+            on_release=self.staged.release,
+            relieve=self.staged.relieve,
         )
         self.last_step: StepStats | None = None
         self.num_preemptions = 0
+        self.num_decode_steps = 0
+        # speculative decoding (serving.spec.decode_step.SpecDecodeStep), set by its owner
+        self.spec: SpecDecodeStep | None = None
+        self.importance_layer = self.runner.layout.num_layers // 2
 
     # --- requests ------------------------------------------------------------------------
     def add_request(self, seq: Sequence) -> None:
@@ -98,9 +135,26 @@ class LLMEngine:
             return []
         self.num_preemptions += len(batch.preempted)
         started = time.perf_counter()
-        logits = self.runner.execute(batch)
+        if self.spec is not None and not batch.is_prefill:
+            spec_outputs = self.spec.step(batch)  # None: decode this batch plainly
+            if spec_outputs is not None:
+                return self._finish_decode(batch, spec_outputs, started)
+        plan, importance_layer = None, -1
+        if not batch.is_prefill:
+            self.num_decode_steps += 1
+            if self.staged.active(batch.seqs):
+                if self.num_decode_steps % REBALANCE_EVERY == 0:
+                    self.staged.rebalance(batch.seqs, self.block_pool.usage)
+                if self.num_decode_steps % IMPORTANCE_EVERY == 0:
+                    importance_layer = self.importance_layer
+            plan = self.staged.plan(batch.seqs)
+        logits = self.runner.execute(batch, plan, importance_layer)
+        if self.runner.last_importance is not None:
+            self._record_importance(batch.seqs, self.runner.last_importance)
         tokens = sample(logits, batch.seqs, self.eos_token_ids)
         outputs = self._update(batch, tokens)
+        if self.spec is not None and not batch.is_prefill:
+            return self._finish_decode(batch, outputs, started)
         self.last_step = StepStats(
             num_seqs=len(batch.seqs),
             num_tokens=sum(batch.num_scheduled_tokens),
@@ -108,6 +162,32 @@ class LLMEngine:
             duration_s=time.perf_counter() - started,
         )
         return outputs
+
+    def _finish_decode(
+        self, batch: SchedulerOutput, outputs: list[StepOutput], started: float
+    ) -> list[StepOutput]:
+        """Speculation configured: the step's cost and yield feed its on/off gate."""
+        assert self.spec is not None
+        duration = time.perf_counter() - started
+        self.spec.observe(batch, outputs, duration)
+        self.last_step = StepStats(len(batch.seqs), self.spec.last_num_tokens, False, duration)
+        return outputs
+
+    def _import(self, seq: Sequence) -> None:
+        assert seq.kv_import is not None
+        self.staged.import_payload(seq, seq.kv_import, self.runner.import_blocks)
+
+    def _record_importance(self, seqs: list[Sequence], mass: torch.Tensor) -> None:
+        bs = self.config.block_size
+        tokens = mass.shape[1]
+        padded = torch.nn.functional.pad(mass, (0, -tokens % bs))
+        per_block = padded.view(len(seqs), -1, bs).sum(-1).tolist()
+        for seq, row in zip(seqs, per_block, strict=True):
+            self.staged.add_mass(seq, row[: -(-seq.num_tokens // bs)])
+
+    def set_kv_policy(self, profile: str, window: int | None = None) -> None:
+        """Run-time profile change; blocks move on the next rebalance."""
+        self.staged.set_profile(profile, window)
 
     def _update(self, batch: SchedulerOutput, tokens: list[int]) -> list[StepOutput]:
         outputs = []

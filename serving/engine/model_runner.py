@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from serving.engine.scheduler import SchedulerOutput
+from serving.engine.staged_kv import HOLE, StagedPlan
 from serving.kv.block_format import KVLayout, KVPayload
 from serving.models.attention import AttentionMetadata
 from serving.models.llama import LlamaForCausalLM
@@ -17,6 +18,7 @@ class ModelRunner:
         arch = model.arch
         self.model = model
         self.block_size = block_size
+        self.last_importance: torch.Tensor | None = None
         self.layout = KVLayout(
             num_layers=arch.num_layers,
             num_kv_heads=arch.num_kv_heads,
@@ -54,6 +56,7 @@ class ModelRunner:
         tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.long)
         for i, seq in enumerate(batch.seqs):
             tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+        tables.clamp_(min=0)  # holes (quantized units) gather block 0, then get overwritten
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long),
             block_tables=tables,
@@ -65,10 +68,21 @@ class ModelRunner:
         return torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions), meta
 
     @torch.inference_mode()
-    def execute(self, batch: SchedulerOutput) -> torch.Tensor:
-        """fp32 logits `[num_seqs, vocab]` at each sequence's last scheduled token."""
+    def execute(
+        self,
+        batch: SchedulerOutput,
+        staged: StagedPlan | None = None,
+        importance_layer: int = -1,
+    ) -> torch.Tensor:
+        """fp32 logits `[num_seqs, vocab]` at each sequence's last scheduled token.
+
+        With `importance_layer` >= 0 on a decode step, `last_importance` holds that layer's
+        attention mass per context token `[num_seqs, max_context]` afterwards."""
         input_ids, positions, meta = self._prepare(batch)
+        meta.staged = staged
+        meta.importance_layer = importance_layer if meta.all_decode else -1
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
+        self.last_importance = meta.importance
         last = torch.tensor(meta.query_lens).cumsum(0) - 1
         return self.model.compute_logits(hidden[last])
 
@@ -76,6 +90,8 @@ class ModelRunner:
     def export_blocks(self, block_table: list[int], num_tokens: int) -> KVPayload:
         """Copy the blocks holding the first `num_tokens` tokens out of the pool."""
         n = -(-num_tokens // self.block_size)
+        if any(b == HOLE for b in block_table[:n]):
+            raise ValueError("export of a sequence with quantized units is not supported yet")
         blocks = [self.kv_cache[:, :, b].clone() for b in block_table[:n]]
         return KVPayload(layout=self.layout, num_tokens=num_tokens, blocks=blocks)
 

@@ -17,6 +17,8 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default=())
     ignore_eos: bool = False
     min_tokens: int = 0
+    # Staged-KV profile for this request (None: the engine's current one).
+    kv_profile: str | None = None
 
     @property
     def greedy(self) -> bool:

@@ -36,12 +36,18 @@ class BatchScheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         on_admit: Callable[[Sequence], None] = lambda seq: None,
+        on_release: Callable[[Sequence], None] = lambda seq: None,
+        relieve: Callable[[list[Sequence], int], bool] = lambda seqs, n: False,
     ):
         self.pool = block_pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.on_admit = on_admit  # copies imported KV into the sequence's fresh blocks
+        self.on_release = on_release  # drops what staged KV holds for the sequence
+        # Staged KV: demote running sequences' older blocks to make `n` blocks fit, before
+        # anything is preempted or refused.
+        self.relieve = relieve
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -71,14 +77,17 @@ class BatchScheduler:
         seq.status = SeqStatus.FINISHED
 
     def _release(self, seq: Sequence) -> None:
-        self.pool.free(seq.block_table)
+        self.pool.free(seq.block_table)  # skips holes (blocks held quantized elsewhere)
         seq.block_table = []
+        self.on_release(seq)
 
     def _admit_waiting(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             needed = blocks_for(seq.num_tokens, self.block_size)
             # Keep one spare block per running sequence so admissions don't force preemptions.
+            if not self.pool.can_allocate(needed + len(self.running)):
+                self.relieve(self.running, needed + len(self.running))
             if not self.pool.can_allocate(needed + len(self.running)):
                 if self.running or not self.pool.can_allocate(needed):
                     break
@@ -119,6 +128,8 @@ class BatchScheduler:
             if seq not in self.running:  # preempted while making room for an earlier one
                 continue
             needed = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table)
+            if needed > 0 and not self.pool.can_allocate(needed):
+                self.relieve(self.running, needed)
             while needed > 0 and not self.pool.can_allocate(needed):
                 victim = self._preempt_last()
                 preempted.append(victim)

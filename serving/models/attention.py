@@ -9,9 +9,13 @@ so prefill, prefill-after-a-cached-prefix, decode and multi-token verification a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from serving.engine.staged_kv import StagedPlan
 
 
 @dataclass(slots=True)
@@ -29,6 +33,13 @@ class AttentionMetadata:
     query_lens: list[int]
     context_lens_list: list[int]
     all_decode: bool  # every sequence has exactly one query token
+    # Staged KV: where this step's quantized units go in the gathered context (None: none).
+    staged: StagedPlan | None = None
+    layer: int = 0  # set by the model before each layer
+    # Decode steps where importance is sampled: the attention probabilities of this layer,
+    # summed over heads, come back in `importance` as `[num_seqs, max_context]`.
+    importance_layer: int = -1
+    importance: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -68,7 +79,8 @@ def paged_attention(
         if n == ctx:  # nothing cached before these tokens: use them as they are
             k_i, v_i = k_new[start : start + n], v_new[start : start + n]
         else:
-            k_i, v_i = _gather_context(layer_cache, meta.block_tables[i], ctx)
+            plan = meta.staged.for_row(i) if meta.staged is not None else None
+            k_i, v_i = _gather_context(layer_cache, meta.block_tables[i], ctx, plan, meta.layer)
         outputs.append(_causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale))
         start += n
     return torch.cat(outputs, dim=0)
@@ -84,12 +96,35 @@ def gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torc
     return flat.view(two, rows, nb * block_size, num_kv_heads, head_dim)
 
 
+def fill_staged(kv: torch.Tensor, plan: StagedPlan, layer: int) -> None:
+    """Write this layer of the plan's quantized units, dequantized, into a gathered
+    context `kv [2, B, tokens, Hkv, D]` (contiguous) in place: one vectorized dequantize
+    and one `index_copy_` per level, whatever the number of units."""
+    _, rows_total, tokens, num_kv_heads, head_dim = kv.shape
+    flat = kv.view(2, rows_total * tokens, num_kv_heads, head_dim)
+    steps = torch.arange(plan.unit_tokens)
+    for level, slots in plan.slots.items():
+        if not len(slots):
+            continue
+        deq = plan.pools[level].dequantize_layer(slots, layer, kv.dtype)  # [n, 2, T, H, D]
+        first = plan.rows[level] * tokens + plan.token_starts[level]  # [n]
+        index = (first[:, None] + steps[None, :]).flatten()  # [n * T]
+        flat.index_copy_(1, index, deq.transpose(0, 1).reshape(2, -1, num_kv_heads, head_dim))
+
+
 def _gather_context(
-    layer_cache: torch.Tensor, block_table: torch.Tensor, context_len: int
+    layer_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    plan: StagedPlan | None = None,
+    layer: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     block_size = layer_cache.shape[2]
     num_blocks = -(-context_len // block_size)
-    kv = gather_blocks(layer_cache, block_table[None, :num_blocks])[:, 0, :context_len]
+    kv = gather_blocks(layer_cache, block_table[None, :num_blocks])
+    if plan is not None:
+        fill_staged(kv, plan, layer)
+    kv = kv[:, 0, :context_len]
     return kv[0], kv[1]  # [ctx, Hkv, D] each
 
 
@@ -130,10 +165,25 @@ def _decode_attention(
     max_len = int(meta.context_lens_list and max(meta.context_lens_list))
     num_blocks = -(-max_len // block_size)
     kv = gather_blocks(layer_cache, meta.block_tables[:, :num_blocks])  # [2, B, nb*bs, Hkv, D]
+    if meta.staged is not None:
+        fill_staged(kv, meta.staged, meta.layer)
     kv = kv[:, :, :max_len].transpose(2, 3)  # [2, B, Hkv, L, D]
     qg = q.view(num_seqs, num_kv_heads, group, head_dim).to(kv.dtype)
     valid = torch.arange(max_len, device=q.device)[None, :] < meta.context_lens[:, None]
+    if meta.layer == meta.importance_layer:
+        meta.importance = _attention_mass(qg, kv[0], valid, scale)
     out = F.scaled_dot_product_attention(
         qg, kv[0], kv[1], attn_mask=valid[:, None, None, :], scale=scale
     )  # [B, Hkv, G, D]
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+
+
+def _attention_mass(
+    qg: torch.Tensor, k: torch.Tensor, valid: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """`[B, L]` attention probabilities of each context token, summed over query heads:
+    what staged KV calls a block's importance (one extra QK^T on one layer, only on the
+    steps where it is sampled)."""
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1).sum(dim=(1, 2))

@@ -113,7 +113,8 @@ class LlamaForCausalLM(nn.Module):
         dtype = x.dtype
         cos = self.rope_cos[positions].unsqueeze(1).to(dtype)  # [T, 1, D]
         sin = self.rope_sin[positions].unsqueeze(1).to(dtype)
-        for layer, layer_cache in zip(self.layers, kv_cache, strict=True):
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, kv_cache, strict=True)):
+            meta.layer = i
             x = layer(x, cos, sin, layer_cache, meta)
         return self.norm(x)
 

@@ -1,0 +1,322 @@
+"""Staged KV in the engine's live cache: older blocks of running sequences move to INT8/INT4.
+
+The paged pool holds L0 blocks. Runs of `unit_blocks` consecutive blocks that the profile
+(`policies.kv_levels`) sends deeper are quantized together into a `QuantPool` slot, and
+their pool blocks are freed: the sequence's block table keeps a `HOLE` there. Decode
+attention takes those units layer by layer from the quant pools and dequantizes them into
+the gathered context (`serving.models.attention`), so the extra memory is one layer's worth.
+
+Reversible: before a unit is first quantized its bit-exact original goes to the spill tier
+(local disk, counted as disk bytes, never as KV memory), and promotion copies it back.
+
+Budget: the pool's blocks and the quantized units share one byte budget
+(`BlockPool.extra_bytes`), so a demotion frees room for more sequences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from policies.kv_levels import PROFILES, BlockStats, Level, Profile, assign_levels
+from serving.engine.block_pool import BlockPool
+from serving.engine.sequence import Sequence
+from serving.kv.block_format import KVPayload
+from serving.kv.quant import QuantizedBlock, quantize_block
+from serving.kv.quant_pool import QuantPool
+from serving.kv.spill import SpillStore
+
+logger = logging.getLogger(__name__)
+
+HOLE = -1  # block-table entry of a block whose data lives in a quantized unit
+_BITS = {Level.L1: 8, Level.L2: 4}
+DEFAULT_UNIT_TOKENS = 64
+
+
+@dataclass(slots=True)
+class Unit:
+    level: Level
+    slot: int
+    num_bytes: int
+
+
+@dataclass(slots=True)
+class SeqKVState:
+    """What the manager knows of one running sequence."""
+
+    units: dict[int, Unit] = field(default_factory=dict)  # unit index → quantized unit
+    mass: list[float] = field(default_factory=list)  # attention mass received, per block
+    originals: set[int] = field(default_factory=set)  # unit indices with a spilled original
+
+
+@dataclass(slots=True)
+class StagedPlan:
+    """Where quantized units sit in one step's gathered context, per level (engine thread)."""
+
+    pools: dict[Level, QuantPool]
+    rows: dict[Level, torch.Tensor]  # [n] row of the batch (sequence index)
+    token_starts: dict[Level, torch.Tensor]  # [n] first token of the unit in its sequence
+    slots: dict[Level, torch.Tensor]  # [n] slot in that level's pool
+    unit_tokens: int
+
+    def for_row(self, row: int) -> StagedPlan:
+        keep = {lv: (r == row).nonzero().flatten() for lv, r in self.rows.items()}
+        return StagedPlan(
+            self.pools,
+            {lv: torch.zeros_like(k) for lv, k in keep.items()},
+            {lv: self.token_starts[lv][k] for lv, k in keep.items()},
+            {lv: self.slots[lv][k] for lv, k in keep.items()},
+            self.unit_tokens,
+        )
+
+
+@dataclass(slots=True)
+class LevelCounters:
+    demotions: int = 0
+    promotions: int = 0
+    spills: int = 0
+
+
+class StagedKVManager:
+    def __init__(
+        self,
+        kv_cache: torch.Tensor,
+        block_pool: BlockPool,
+        block_size: int,
+        profile: str = "baseline",
+        spill_dir: Path | None = None,
+        unit_tokens: int = DEFAULT_UNIT_TOKENS,
+    ):
+        self.kv_cache = kv_cache  # [L, 2, num_blocks, bs, H, D]
+        self.block_pool = block_pool
+        self.block_size = block_size
+        self.pools = {Level.L1: QuantPool(), Level.L2: QuantPool()}
+        self.states: dict[str, SeqKVState] = {}
+        self.profile = PROFILES[profile]
+        self.window_override: int | None = None
+        self._spill_dir = spill_dir
+        self._spill: SpillStore | None = None
+        self._ids = itertools.count()
+        self._spill_prefix = f"live-{id(self):x}"
+        self.counters = LevelCounters()
+        # One unit size per engine: every unit of a level shares one pool array.
+        self.ub = max(1, unit_tokens // block_size)
+
+    # --- configuration -----------------------------------------------------------------
+    def set_profile(self, name: str, window: int | None = None) -> None:
+        self.profile = PROFILES[name]
+        self.window_override = window
+
+    def profile_for(self, seq: Sequence) -> Profile:
+        profile = PROFILES.get(seq.params.kv_profile or "", self.profile)
+        if self.window_override is not None and profile.name != "baseline":
+            profile = dataclasses.replace(profile, recent_window_tokens=self.window_override)
+        return profile
+
+    @property
+    def spill(self) -> SpillStore:
+        if self._spill is None:
+            directory = self._spill_dir or Path(tempfile.mkdtemp(prefix="inferos-kv-spill-"))
+            self._spill = SpillStore(directory)
+        return self._spill
+
+    # --- bookkeeping -------------------------------------------------------------------
+    def state(self, seq: Sequence) -> SeqKVState:
+        return self.states.setdefault(seq.req_id, SeqKVState())
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence finished or was preempted: free its units and spilled originals."""
+        st = self.states.pop(seq.req_id, None)
+        if st is None:
+            return
+        for unit in st.units.values():
+            self._drop_unit(unit)
+        for u in st.originals:
+            self.spill.drop(self._key(seq, u))
+
+    def _drop_unit(self, unit: Unit) -> None:
+        self.pools[unit.level].release(unit.slot)
+        self.block_pool.extra_bytes -= unit.num_bytes
+
+    def _key(self, seq: Sequence, unit_index: int) -> str:
+        return f"{self._spill_prefix}/{seq.req_id}/{unit_index}"
+
+    def add_mass(self, seq: Sequence, per_block: list[float]) -> None:
+        mass = self.state(seq).mass
+        if len(mass) < len(per_block):
+            mass.extend([0.0] * (len(per_block) - len(mass)))
+        for i, m in enumerate(per_block):
+            mass[i] += m
+
+    def active(self, seqs: list[Sequence]) -> bool:
+        """Whether any of `seqs` is staged at all (baseline sequences cost nothing)."""
+        return any(
+            seq.req_id in self.states or self.profile_for(seq).name != "baseline" for seq in seqs
+        )
+
+    def import_payload(
+        self,
+        seq: Sequence,
+        payload: KVPayload,
+        import_blocks: Callable[[list[int], KVPayload], None],
+    ) -> None:
+        """Admit KV from elsewhere into the sequence's freshly allocated blocks: full
+        precision blocks are copied, quantized units (from the store) stay quantized."""
+        if not any(isinstance(b, QuantizedBlock) for b in payload.blocks):
+            import_blocks(seq.block_table, payload)
+            return
+        st = self.state(seq)
+        index = 0
+        for element in payload.blocks:
+            if not isinstance(element, QuantizedBlock):
+                import_blocks([seq.block_table[index]], KVPayload(payload.layout, 0, [element]))
+                index += 1
+                continue
+            n = element.shape[2] // self.block_size
+            if n != self.ub or index % self.ub:
+                raise ValueError(f"quantized unit of {n} blocks at block {index} doesn't fit")
+            level = Level.L1 if element.bits == 8 else Level.L2
+            slot = self.pools[level].put(element)
+            self.block_pool.free(seq.block_table[index : index + n])
+            seq.block_table[index : index + n] = [HOLE] * n
+            st.units[index // n] = Unit(level, slot, element.num_bytes)
+            self.block_pool.extra_bytes += element.num_bytes
+            index += n
+
+    # --- levels -----------------------------------------------------------------------
+    def bytes_per_level(self) -> dict[str, int]:
+        l0 = self.block_pool.num_used_blocks * self.block_pool.block_bytes
+        out = {"L0": l0, "L1": self.pools[Level.L1].num_bytes, "L2": self.pools[Level.L2].num_bytes}
+        out["L3"] = self._spill.num_bytes if self._spill is not None else 0
+        return out
+
+    def blocks_per_level(self, block_size_tokens: int | None = None) -> dict[str, int]:
+        counts = {"L0": self.block_pool.num_used_blocks, "L1": 0, "L2": 0}
+        for st in self.states.values():
+            for unit in st.units.values():
+                counts[unit.level.name] += self._unit_blocks_of(unit)
+        return counts
+
+    def _unit_blocks_of(self, unit: Unit) -> int:
+        return self.ub
+
+    def rebalance(self, seqs: list[Sequence], pressure: float) -> int:
+        """Move every unit of `seqs` to the level the policy gives it now; returns moves."""
+        moves = 0
+        for seq in seqs:
+            profile = self.profile_for(seq)
+            if profile.name == "baseline" and not self.states.get(seq.req_id, SeqKVState()).units:
+                continue
+            moves += self._rebalance_seq(seq, profile, pressure)
+        return moves
+
+    def _rebalance_seq(self, seq: Sequence, profile: Profile, pressure: float) -> int:
+        ub = self.ub
+        unit_tokens = ub * self.block_size
+        # only units whose every token is computed may leave L0
+        num_tokens = seq.num_computed_tokens
+        num_units = num_tokens // unit_tokens
+        if num_units == 0:
+            return 0
+        st = self.state(seq)
+        stats = []
+        for u in range(num_units):
+            mass = sum(st.mass[u * ub : (u + 1) * ub]) if st.mass else 0.0
+            stats.append(BlockStats(index=u, attention_mass=mass))
+        levels = assign_levels(stats, profile, pressure, unit_tokens, num_tokens)
+        moves = 0
+        for u, level in enumerate(levels):
+            level = min(level, Level.L2)  # a live sequence reads every unit every step
+            current = st.units[u].level if u in st.units else Level.L0
+            if level == current:
+                continue
+            if level == Level.L0:
+                if not self.promote(seq, u, ub):
+                    continue
+            else:
+                self.demote(seq, u, ub, level)
+            moves += 1
+        return moves
+
+    def demote(self, seq: Sequence, u: int, ub: int, level: Level) -> None:
+        st = self.state(seq)
+        data = self._unit_data(seq, u, ub)  # [L, 2, T, H, D], the best copy we have
+        if u not in st.units:
+            # first demotion: keep the bit-exact original on disk so promotion is lossless
+            self.spill.put(self._key(seq, u), data)
+            st.originals.add(u)
+            self.counters.spills += 1
+        qb = quantize_block(data, _BITS[level])
+        slot = self.pools[level].put(qb)
+        if u in st.units:
+            self._drop_unit(st.units.pop(u))
+        else:
+            blocks = seq.block_table[u * ub : (u + 1) * ub]
+            self.block_pool.free(blocks)
+            seq.block_table[u * ub : (u + 1) * ub] = [HOLE] * ub
+        st.units[u] = Unit(level, slot, qb.num_bytes)
+        self.block_pool.extra_bytes += qb.num_bytes
+        self.counters.demotions += 1
+
+    def promote(self, seq: Sequence, u: int, ub: int) -> bool:
+        """Back to L0, bit-identical to before the first demotion; False if no room."""
+        st = self.state(seq)
+        unit = st.units[u]
+        if not self.block_pool.can_allocate(ub):
+            return False
+        data = self._unit_data(seq, u, ub)
+        blocks = self.block_pool.allocate(ub)
+        self._drop_unit(st.units.pop(u))
+        bs = self.block_size
+        view = data.view(data.shape[0], 2, ub, bs, *data.shape[3:])
+        self.kv_cache[:, :, blocks] = view.to(self.kv_cache.dtype)
+        seq.block_table[u * ub : (u + 1) * ub] = blocks
+        self.counters.promotions += 1
+        del unit
+        return True
+
+    def _unit_data(self, seq: Sequence, u: int, ub: int) -> torch.Tensor:
+        st = self.state(seq)
+        if u in st.originals:
+            return self.spill.get(self._key(seq, u))
+        blocks = seq.block_table[u * ub : (u + 1) * ub]
+        data = self.kv_cache[:, :, blocks]  # [L, 2, ub, bs, H, D]
+        return data.reshape(data.shape[0], 2, ub * self.block_size, *data.shape[4:])
+
+    def relieve(self, seqs: list[Sequence], blocks_needed: int) -> bool:
+        """Out of room: demote at full pressure until `blocks_needed` fit (or nothing is
+        left to demote). Called before the scheduler would preempt or refuse."""
+        for seq in sorted(seqs, key=lambda s: -s.num_computed_tokens):
+            if self.block_pool.can_allocate(blocks_needed):
+                return True
+            if self.profile_for(seq).name == "baseline":
+                continue
+            self._rebalance_seq(seq, self.profile_for(seq), pressure=1.0)
+        return self.block_pool.can_allocate(blocks_needed)
+
+    # --- attention --------------------------------------------------------------------
+    def plan(self, seqs: list[Sequence]) -> StagedPlan | None:
+        rows: dict[Level, list[int]] = {Level.L1: [], Level.L2: []}
+        starts: dict[Level, list[int]] = {Level.L1: [], Level.L2: []}
+        slots: dict[Level, list[int]] = {Level.L1: [], Level.L2: []}
+        unit_tokens = 0
+        for i, seq in enumerate(seqs):
+            st = self.states.get(seq.req_id)
+            if st is None or not st.units:
+                continue
+            unit_tokens = self.ub * self.block_size
+            for u, unit in st.units.items():
+                rows[unit.level].append(i)
+                starts[unit.level].append(u * unit_tokens)
+                slots[unit.level].append(unit.slot)
+        if not unit_tokens:
+            return None
+        as_t = lambda d: {lv: torch.tensor(v, dtype=torch.long) for lv, v in d.items() if v}  # noqa: E731
+        return StagedPlan(self.pools, as_t(rows), as_t(starts), as_t(slots), unit_tokens)
