@@ -20,6 +20,8 @@ from serving.config import InferosConfig
 MODEL = "SmolLM2-135M-Instruct"
 # Few enough in-flight requests that a test can saturate the ingress on purpose.
 MAX_PENDING = 20
+# The control API's changes need it (tests/integration/test_control_api.py, test_console.py).
+ADMIN_TOKEN = "integration-admin-token"
 
 
 def _free_port() -> int:
@@ -65,6 +67,7 @@ DEFAULT_CONFIG: dict = {
     "model": {"dtype": "float32"},
     "scheduling": {"max_pending_requests": MAX_PENDING},
     "kv_cache": {"num_blocks": 512},
+    "server": {"admin_token": ADMIN_TOKEN},
 }
 
 

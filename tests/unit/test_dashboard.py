@@ -121,6 +121,13 @@ def test_dashboard_queries_only_exported_series() -> None:
         "inferos:routing_decisions_total",
         "inferos:engine_step_seconds_bucket",
         "inferos:engine_batch_size_sum",
+        "inferos:kv_bytes_per_level",
+        "inferos:kv_blocks_per_level",
+        "inferos:kv_demotions_total",
+        "inferos:spec_decode_num_accepted_tokens_total",
+        "inferos:spec_decode_num_draft_tokens_total",
+        "inferos:engine_step_seconds_sum",
+        "inferos:execution_provider_info",
     ):
         assert name in used, name
 
