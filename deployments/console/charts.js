@@ -56,6 +56,13 @@ class LineChart {
         pen = true;
       });
       ctx.stroke();
+      const j = d.length - 1;  // the newest value as a dot: visible even before a line forms
+      if (j >= 0 && d[j] !== null) {
+        ctx.fillStyle = this.series[i].color;
+        ctx.beginPath();
+        ctx.arc(padL + (offset + j) * xStep - 3, padT + (h - padT - padB) * (1 - d[j] / max), 3, 0, 2 * Math.PI);
+        ctx.fill();
+      }
     });
     let lx = padL + 4;  // legend
     this.series.forEach((s) => {
