@@ -170,3 +170,16 @@ def test_health_is_open_and_says_starting_without_replicas() -> None:
     client, _ = make_client()
     r = client.get("/v1/health")
     assert r.status_code == 503 and r.json()["status"] == "starting"
+
+
+def test_cli_admin_token_and_telemetry_flags(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.cli import build_config, make_parser
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("INFEROS_ADMIN_TOKEN", "from-env")
+    cfg = build_config(make_parser().parse_args(["serve", "--telemetry-dir", "logs"]))
+    assert cfg.server.admin_token == "from-env"
+    # absolute: Ray workers do not run in the driver's working directory
+    assert cfg.server.telemetry_dir == str(tmp_path / "logs")
+    cfg = build_config(make_parser().parse_args(["serve", "--admin-token", "flag"]))
+    assert cfg.server.admin_token == "flag" and cfg.server.telemetry_dir is None
