@@ -5,23 +5,26 @@ from __future__ import annotations
 
 import os
 
+import ray
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from deployments.decode import DecodeDeployment
 from deployments.ingress import IngressDeployment
 from deployments.prefill import PrefillDeployment
+from serving.backends.placement import placement_options
 from serving.config import InferosConfig, RoleSettings
 
 APP_NAME = "inferos"
 PINNED_ROUTER = RequestRouterConfig(request_router_class="deployments.router.PinnedReplicaRouter")
 
 
-def actor_options(role: RoleSettings, threads: int) -> dict:
-    return {
-        "num_cpus": role.num_cpus,
-        "num_gpus": role.num_gpus,
-        "resources": dict(role.resources),
+def actor_options(
+    role: RoleSettings, threads: int, name: str = "", cluster: dict[str, float] | None = None
+) -> dict:
+    # devices the running cluster lacks are dropped (CPU fallback, logged): serving.backends
+    options, _ = placement_options(name, role, cluster)
+    return options | {
         # OpenMP reads this at start-up, before our torch.set_num_threads runs.
         "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
     }
@@ -31,17 +34,22 @@ def build_app(config: InferosConfig) -> Application:
     cfg = config.model_dump()
     # NOTE: thread counts assume replicas land on a node like this one (the driver's).
     cpus = os.cpu_count() or 1
+    cluster = ray.cluster_resources() if ray.is_initialized() else None
     common = {"graceful_shutdown_timeout_s": 2, "health_check_period_s": 5}
     prefill = PrefillDeployment.options(
         num_replicas=config.prefill.num_replicas,
-        ray_actor_options=actor_options(config.prefill, config.threads_for("prefill", cpus)),
+        ray_actor_options=actor_options(
+            config.prefill, config.threads_for("prefill", cpus), "prefill", cluster
+        ),
         request_router_config=PINNED_ROUTER,
         max_ongoing_requests=1024,
         **common,
     ).bind(cfg)
     decode = DecodeDeployment.options(
         num_replicas=config.decode.num_replicas,
-        ray_actor_options=actor_options(config.decode, config.threads_for("decode", cpus)),
+        ray_actor_options=actor_options(
+            config.decode, config.threads_for("decode", cpus), "decode", cluster
+        ),
         request_router_config=PINNED_ROUTER,
         max_ongoing_requests=4096,
         **common,
