@@ -13,6 +13,7 @@ const charts = {
     { format: fmtBytes }),
 };
 let modelName = null;
+let policyVersion = null;  // the version the charts last saw
 
 function fmtBytes(v) {
   const units = ["B", "KiB", "MiB", "GiB"];
@@ -165,6 +166,11 @@ async function poll() {
     $("ttft-now").textContent = m.ttft_s.p50 === null ? "" : `${m.ttft_s.p50.toFixed(3)} / ${m.ttft_s.p95.toFixed(3)}`;
     $("kv-now").textContent = fmtBytes(levels.reduce((a, lv) => a + m.kv_bytes_per_level[lv], 0));
     renderReplicas(m.replicas);
+    if (policyVersion !== null && m.policy.version !== policyVersion) {
+      // a switch (from here or elsewhere): mark it on every chart, so A/B is visible
+      Object.values(charts).forEach((c) => c.mark(m.policy.kv_profile));
+    }
+    policyVersion = m.policy.version;
     showPolicy(m.policy);
   } catch (e) {
     $("tps-now").textContent = `metrics: ${e.message}`;

@@ -11,6 +11,7 @@ class LineChart {
     this.maxPoints = opts.maxPoints || 120;
     this.format = opts.format || ((v) => (Math.abs(v) >= 100 ? v.toFixed(0) : v.toPrecision(3)));
     this.data = series.map(() => []);
+    this.markers = [];  // [{at: sample number, label}]: policy switches, drawn as dashed lines
     this.count = 0;
     this.draw();
   }
@@ -24,6 +25,12 @@ class LineChart {
     this.count += 1;
     this.canvas.dataset.points = String(this.count);
     this.canvas.dataset.last = JSON.stringify(values);
+    this.draw();
+  }
+
+  mark(label) {
+    this.markers.push({ at: this.count, label });
+    this.canvas.dataset.markers = String(this.markers.length);
     this.draw();
   }
 
@@ -42,6 +49,18 @@ class LineChart {
       ctx.fillText(this.format((max * k) / 2), 2, y + 4);
     }
     const xStep = (w - padL) / Math.max(1, this.maxPoints - 1);
+    const newest = this.maxPoints - 1;  // x slot of sample number this.count
+    ctx.save();
+    ctx.setLineDash([4, 4]);
+    this.markers.forEach((m) => {
+      const x = padL + (newest - (this.count - m.at)) * xStep;
+      if (x < padL) return;  // scrolled out
+      ctx.strokeStyle = "#c792ea";
+      ctx.beginPath(); ctx.moveTo(x, padT); ctx.lineTo(x, h - padB); ctx.stroke();
+      ctx.fillStyle = "#c792ea";
+      ctx.fillText(m.label, Math.min(x + 3, w - ctx.measureText(m.label).width - 2), padT + 10);
+    });
+    ctx.restore();
     this.data.forEach((d, i) => {
       ctx.strokeStyle = this.series[i].color;
       ctx.lineWidth = 2;

@@ -95,6 +95,17 @@ def test_console_chat_streams_charts_update_and_profile_switches(
     page.wait_for_selector("#policy-status.ok")
     page.wait_for_selector("#current-policy[data-profile='balanced']")
     assert ray.get(live.scheduler().get_policy.remote()).kv_profile == "balanced"
+    # the charts mark the switch, so what follows reads as B against A
+    page.wait_for_function("Number(document.getElementById('chart-tps').dataset.markers) >= 1")
+    # and the next answer runs under the new profile
+    page.fill("#prompt", "And three animals?")
+    page.click("#send")
+    page.wait_for_function(
+        "document.querySelectorAll(\".msg.assistant[data-done='true']\").length === 2",
+        timeout=120_000,
+    )
+    assert "error" not in page.locator(".msg.assistant").last.get_attribute("class")
+    page.wait_for_timeout(2_000)  # two more polls onto the charts
 
     shot = Path(os.environ.get("INFEROS_CONSOLE_SCREENSHOT", tmp_path / "console.png"))
     shot.parent.mkdir(parents=True, exist_ok=True)
