@@ -9,16 +9,22 @@ from collections.abc import AsyncGenerator
 from ray import serve
 
 from deployments.engine_replica import EngineReplica
-from serving.engine.engine import StepOutput
+from policies.runtime import RuntimePolicy
+from serving.engine.engine import LLMEngine, StepOutput
 from serving.engine.sequence import Sequence
 from serving.kv.block_format import KVPayload
-from serving.messages import DecodeRequest, Role, TokenDelta
+from serving.messages import DecodeRequest, ReplicaLoad, Role, TokenDelta
+from serving.spec.decode_step import SpecDecodeStep
+from serving.spec.replica import SpecMetricsPusher, attach_speculation
 
 
 class DecodeServer(EngineReplica):
     role = Role.DECODE
 
-    async def __init__(self, config: dict):
+    async def __init__(self, config: dict, draft=None):
+        self._draft = draft  # handle of the `draft` deployment (speculation placement)
+        self.spec: SpecDecodeStep | None = None
+        self._spec_metrics = SpecMetricsPusher()
         self._queues: dict[str, asyncio.Queue[list[TokenDelta]]] = {}
         self._subscriber_of: dict[str, str] = {}  # req_id → ingress replica id
         self._held: dict[str, list[int]] = {}  # tokens not streamed yet (stream_interval)
@@ -27,6 +33,22 @@ class DecodeServer(EngineReplica):
         await self._start_engine(config)
         self.stream_interval = self.config.scheduling.stream_interval
         self.num_imported = 0
+
+    def _build_engine(self, path) -> LLMEngine:
+        """Runs on the engine thread: the target engine, then its speculative step."""
+        engine = super()._build_engine(path)
+        self.spec = attach_speculation(engine, self.config, path, self._draft)
+        return engine
+
+    def _apply_policy(self, policy: RuntimePolicy) -> None:
+        super()._apply_policy(policy)
+        if self.spec is not None:
+            self.spec.enabled = policy.speculation
+
+    def _load(self, with_metrics: bool) -> ReplicaLoad:
+        if self.spec is not None:
+            self._spec_metrics.push(self.spec, self.metrics)
+        return super()._load(with_metrics)
 
     def _queue(self, subscriber_id: str) -> asyncio.Queue[list[TokenDelta]]:
         return self._queues.setdefault(subscriber_id, asyncio.Queue())
@@ -67,7 +89,9 @@ class DecodeServer(EngineReplica):
             if stored is None:
                 return f"KV {req.kv_key} is not in the kv_store"
             blocks = await asyncio.gather(*stored.blocks)  # zero-copy reads on the same node
-            seq.kv_import = KVPayload(stored.layout, stored.num_tokens, list(blocks))
+            seq.kv_import = KVPayload(
+                stored.layout, stored.num_tokens, list(blocks), stored.spans, stored.sizes
+            )
             seq.output_token_ids = [req.first_token_id]
             self.metrics.kv_transfer_bytes.inc(seq.kv_import.num_bytes)
             self.num_imported += 1
@@ -101,6 +125,7 @@ class DecodeServer(EngineReplica):
         return await super().stats() | {
             "num_imported": self.num_imported,
             "num_local_prefills": self.num_local_prefills,
+            "spec_decode": self.spec.snapshot() if self.spec is not None else None,
         }
 
 

@@ -91,6 +91,7 @@ class EngineReplica:
         self.metrics.kv_blocks_used.set(engine.block_pool.num_used_blocks)
         self.metrics.preemptions.inc(engine.num_preemptions - self._preemptions_reported)
         self._preemptions_reported = engine.num_preemptions
+        self._export_kv_levels(engine)
         return ReplicaLoad(
             role=self.role,
             replica_id=self.replica_id,
@@ -102,10 +103,31 @@ class EngineReplica:
         )
 
     _preemptions_reported = 0
+    _levels_reported = (0, 0, 0)
+
+    def _export_kv_levels(self, engine: LLMEngine) -> None:
+        """Blocks/bytes per level and the move counters (in blocks, as the store counts)."""
+        staged = engine.staged
+        for level, n in staged.blocks_per_level().items():
+            self.metrics.blocks_per_level[level].set(n)
+        for level, n in staged.bytes_per_level().items():
+            self.metrics.bytes_per_level[level].set(n)
+        c = staged.counters
+        now = (c.demotions * staged.ub, c.promotions * staged.ub, c.spills * staged.ub)
+        before = self._levels_reported
+        self.metrics.demotions.inc(now[0] - before[0])
+        self.metrics.promotions.inc(now[1] - before[1])
+        self.metrics.spills.inc(now[2] - before[2])
+        self._levels_reported = now
     policy_version = -1
 
     def _apply_policy(self, policy: RuntimePolicy) -> None:
-        """A new run-time policy arrived with a report answer; roles override what they use."""
+        """A new run-time policy arrived with a report answer; roles extend what they use."""
+        profile, window = policy.kv_profile, policy.kv_window
+        self.thread.call(lambda engine: engine.set_kv_policy(profile, window))
+        limit = policy.max_num_seqs or self.config.scheduling.max_num_seqs
+        self.thread.call(lambda engine: setattr(engine.scheduler, "max_num_seqs", limit))
+        logger.info("KV profile now %s (window %s)", profile, window)
 
     async def _report_loop(self) -> None:
         n = 0
@@ -132,6 +154,8 @@ class EngineReplica:
             "kv_blocks_used": self.engine.block_pool.num_used_blocks,
             "kv_blocks_total": self.engine.config.num_blocks,
             "pid": os.getpid(),
+            "kv_demotions": self.engine.staged.counters.demotions,
+            "kv_units_imported": self.engine.staged.counters.imported,
             "int4_layers": sum(
                 isinstance(m, HybridInt4Linear)
                 for m in getattr(self.engine.runner, "model", torch.nn.Module()).modules()

@@ -17,12 +17,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
 from deployments.actors import kv_store_actor, scheduler_actor
 from deployments.control_api import ControlAPI, control_router
 from deployments.decode_mux import DecodeMux
+from deployments.sessions import conversation_start, session_id
 from serving.api.detokenizer import IncrementalDetokenizer
 from serving.api.errors import (
     BadRequest,
@@ -77,6 +79,9 @@ class Prepared:
     builder: ResponseBuilder
     stream: bool
     include_usage: bool
+    user: str | None = None
+    conversation_start: str = ""  # what every turn of one conversation starts with
+    session_id: str | None = None  # routing affinity across a conversation's turns
 
 
 @serve.ingress(app)
@@ -148,6 +153,7 @@ class Ingress:
         try:
             self._authorize(request)
             prepared = self._prepare(await read_json_body(request), chat)
+            prepared.session_id = session_id(request.headers, prepared)
             if self.in_flight >= self.config.scheduling.max_pending_requests:
                 raise TooManyRequests(
                     f"server is at its limit of {self.config.scheduling.max_pending_requests} "
@@ -231,6 +237,8 @@ class Ingress:
             builder=ResponseBuilder(req_id, self.model_name, chat),
             stream=req.stream,
             include_usage=req.include_usage,
+            user=req.user,
+            conversation_start=conversation_start(req, prompt_ids),
         )
 
     def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
@@ -248,8 +256,11 @@ class Ingress:
         plan: RoutePlan | None = None
         finished = False
         kv_key = None
+        failed = False  # a server-side failure (client errors are caught before routing)
         try:
-            plan = await self.scheduler.route.remote(p.req_id, len(p.prompt_ids))
+            plan = await self.scheduler.route.remote(
+                p.req_id, len(p.prompt_ids), p.session_id
+            )
             if plan is None:
                 raise Unavailable("no decode replica is ready yet; retry shortly")
             if plan.prefill_replica is not None:
@@ -270,14 +281,20 @@ class Ingress:
             while not finished:
                 delta = await queue.get()
                 finished = delta.finished
+                failed = failed or delta.error is not None
                 yield delta
+        except (Unavailable, RayError):
+            failed = True
+            raise
         finally:
             self._done()
             self.mux.close(p.req_id)
             if plan is not None:
-                self._clean_up(p.req_id, plan, kv_key, aborted=not finished)
+                self._clean_up(p.req_id, plan, kv_key, aborted=not finished, failed=failed)
 
-    def _clean_up(self, req_id: str, plan: RoutePlan, kv_key: str | None, aborted: bool) -> None:
+    def _clean_up(
+        self, req_id: str, plan: RoutePlan, kv_key: str | None, aborted: bool, failed: bool
+    ) -> None:
         """Tell the scheduler (and, for a request that ended early, decode and the store).
 
         The calls go out from a task outside the request's context: made from the request
@@ -287,7 +304,7 @@ class Ingress:
             logger.info("request %s ended early: aborting it on decode", req_id)
 
         async def send() -> None:
-            self.scheduler.finished.remote(req_id)
+            self.scheduler.finished.remote(req_id, failed)
             if aborted:
                 await self.decode.abort.remote(req_id, replica_id=plan.decode_replica)
                 if kv_key is not None:  # nobody will resume it: free the blocks now

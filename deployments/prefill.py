@@ -23,6 +23,8 @@ class PrefillServer(EngineReplica):
         await self._start_engine(config)
         self.num_prefills = 0
         self.num_prompt_tokens = 0
+        self.num_reused_tokens = 0
+        self.prefix_reuse = self.config.kv_cache.prefix_reuse
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -34,9 +36,9 @@ class PrefillServer(EngineReplica):
         fut: asyncio.Future[StepOutput] = asyncio.get_running_loop().create_future()
         self._pending[req.req_id] = fut
         self.thread.set_num_threads(req.num_threads or self.default_threads)
-        self.thread.add(
-            Sequence(req.req_id, list(req.prompt_token_ids), req.params, export_kv=True)
-        )
+        seq = Sequence(req.req_id, list(req.prompt_token_ids), req.params, export_kv=True)
+        seq.kv_import = await self._cached_prefix(seq.prompt_token_ids)
+        self.thread.add(seq)
         try:
             out = await fut
         except asyncio.CancelledError:
@@ -54,12 +56,18 @@ class PrefillServer(EngineReplica):
         if not out.finished and out.kv_export is not None:
             exported = out.kv_export
             payload = KVPayload(
-                exported.layout, exported.num_tokens, [ray.put(b) for b in exported.blocks]
+                exported.layout,
+                exported.num_tokens,
+                [ray.put(b) for b in exported.blocks],
+                exported.spans,
+                exported.sizes,
             )
             kv_key = f"kv-{req.req_id}"
             num_blocks = payload.num_blocks
             self.metrics.kv_transfer_bytes.inc(payload.num_bytes)
-            await self.kv_store.put.remote(kv_key, payload, self.replica_id)
+            await self.kv_store.put.remote(
+                kv_key, payload, self.replica_id, list(req.prompt_token_ids)
+            )
         return PrefillResult(
             req_id=req.req_id,
             first_token_id=out.new_token_ids[0],
@@ -70,10 +78,27 @@ class PrefillServer(EngineReplica):
             replica_id=self.replica_id,
         )
 
+    async def _cached_prefix(self, prompt_token_ids: list[int]) -> KVPayload | None:
+        """The stored KV of this prompt's longest cached prefix (an earlier turn of the
+        conversation, a shared system prompt), so prefill computes only the rest."""
+        if not self.prefix_reuse:
+            return None
+        stored = await self.kv_store.match_prefix.remote(
+            list(prompt_token_ids), self.config.kv_cache.block_size, self.replica_id
+        )
+        if stored is None:
+            return None
+        blocks = await asyncio.gather(*stored.blocks)  # zero-copy reads on the same node
+        self.num_reused_tokens += stored.num_tokens
+        self.metrics.kv_transfer_bytes.inc(stored.num_bytes)
+        return KVPayload(stored.layout, stored.num_tokens, list(blocks), stored.spans, stored.sizes)
+
     async def stats(self) -> dict:
         return await super().stats() | {
             "num_prefills": self.num_prefills,
             "num_prompt_tokens": self.num_prompt_tokens,
+            "num_reused_tokens": self.num_reused_tokens,
+            "num_computed_prompt_tokens": self.num_prompt_tokens - self.num_reused_tokens,
         }
 
 

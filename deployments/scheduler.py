@@ -11,7 +11,8 @@ import logging
 import os
 import time
 
-from policies.routing import ReplicaState, is_alive, least_loaded
+from deployments.control_loops import ControlLoops
+from policies.routing import ReplicaState, is_alive, route
 from policies.run_context import RunContext
 from policies.runtime import RuntimePolicy
 from serving.config import InferosConfig
@@ -21,7 +22,7 @@ from serving.metrics import SchedulerMetrics
 logger = logging.getLogger(__name__)
 
 STALE_AFTER_S = 10.0
-AUTO_MIN_PREFILL_TOKENS = 256
+MAX_SESSIONS = 100_000  # remembered session → replica affinities (oldest forgotten first)
 
 
 class SchedulerActor:
@@ -32,12 +33,17 @@ class SchedulerActor:
         self.assignments: dict[str, tuple[str | None, str]] = {}  # req_id → (prefill, decode)
         self.metrics = SchedulerMetrics(cfg.model.served_model_name or "default")
         self.policy = RuntimePolicy(
-            pd_mode=cfg.scheduling.pd_mode, kv_profile=cfg.kv_cache.profile
+            pd_mode=cfg.scheduling.pd_mode,
+            kv_profile=cfg.kv_cache.profile,
+            speculation=cfg.speculation.enabled,
         )
         self.node_cpus = os.cpu_count() or 1  # NOTE: assumes prefill and decode share a node
         self.max_model_len = cfg.model.max_model_len
         self.run_context: RunContext | None = None
         self.num_routed = 0
+        # session id → decode replica of its last turn (insertion order = age)
+        self.sessions: dict[str, str] = {}
+        self.control = ControlLoops(self, cfg.control)
 
     @property
     def pd_mode(self) -> str:
@@ -62,17 +68,29 @@ class SchedulerActor:
         now = time.time()
         return {k: v for k, v in self.replicas[role].items() if is_alive(v, now, STALE_AFTER_S)}
 
-    async def route(self, req_id: str, num_prompt_tokens: int) -> RoutePlan | None:
-        """Pick a prefill and a decode replica, or None when no decode replica is up.
-
-        No prefill replica (colocated mode, or none alive) means the decode replica
-        prefills the prompt itself."""
-        decode = least_loaded(self._alive(Role.DECODE))
-        if decode is None:
+    async def route(
+        self, req_id: str, num_prompt_tokens: int, session_id: str | None = None
+    ) -> RoutePlan | None:
+        """Pick a prefill and a decode replica (`policies.routing`), or None when no decode
+        replica is up. No prefill replica means the decode replica prefills the prompt."""
+        self.control.ensure_started()
+        chosen = route(
+            self._alive(Role.PREFILL),
+            self._alive(Role.DECODE),
+            num_prompt_tokens,
+            self.pd_mode,
+            self.sessions.get(session_id) if session_id else None,
+        )
+        if chosen is None:
             return None
-        prefill = None
-        if self._wants_prefill_replica(num_prompt_tokens):
-            prefill = least_loaded(self._alive(Role.PREFILL))
+        decode, prefill = chosen.decode_replica, chosen.prefill_replica
+        if session_id:
+            self.sessions.pop(session_id, None)
+            self.sessions[session_id] = decode
+            if len(self.sessions) > MAX_SESSIONS:
+                self.sessions.pop(next(iter(self.sessions)))
+        self.metrics.decision(chosen.prefill_reason)
+        self.metrics.decision(f"decode_{chosen.decode_reason}")
         decode_state = self.replicas[Role.DECODE][decode]
         # Prefill and decode replicas share a CPU node's cores; while decode has nothing to
         # do, the prefill may use all of them (2x shorter TTFT on 2 cores).
@@ -82,19 +100,12 @@ class SchedulerActor:
             self.replicas[Role.PREFILL][prefill].num_assigned += 1
         self.assignments[req_id] = (prefill, decode)
         self.num_routed += 1
-        self.metrics.decision("disaggregated" if prefill else "colocated")
         return RoutePlan(
             req_id=req_id,
             prefill_replica=prefill,
             decode_replica=decode,
             prefill_threads=self.node_cpus if prefill is not None and decode_idle else None,
         )
-
-    def _wants_prefill_replica(self, num_prompt_tokens: int) -> bool:
-        if self.pd_mode == "auto":
-            # a short prompt costs less to prefill in place than to ship its KV
-            return num_prompt_tokens >= AUTO_MIN_PREFILL_TOKENS
-        return self.pd_mode == "disaggregated"
 
     async def set_pd_mode(self, mode: str) -> None:
         """Switch between disaggregated, colocated and auto routing without a restart."""
@@ -129,7 +140,8 @@ class SchedulerActor:
             self.replicas[Role.PREFILL][prefill].num_assigned -= 1
             self.assignments[req_id] = (None, decode)
 
-    async def finished(self, req_id: str) -> None:
+    async def finished(self, req_id: str, error: bool = False) -> None:
+        self.control.record_outcome(error)
         await self.prefill_done(req_id)
         _, decode = self.assignments.pop(req_id, (None, ""))
         if decode in self.replicas[Role.DECODE]:
@@ -137,6 +149,8 @@ class SchedulerActor:
 
     async def forget(self, replica_id: str) -> None:
         """A caller saw this replica die: stop routing to it until it reports again."""
+        if any(replica_id in pool for pool in self.replicas.values()):
+            self.control.replica_lost(replica_id)
         for pool in self.replicas.values():
             pool.pop(replica_id, None)
         self.metrics_texts_by_replica.pop(replica_id, None)
@@ -149,6 +163,9 @@ class SchedulerActor:
             "num_routed": self.num_routed,
             "in_flight": len(self.assignments),
             "pd_mode": self.pd_mode,
+            "sessions": dict(list(self.sessions.items())[-1000:]),
+            "assignments": {r: d for r, (_, d) in list(self.assignments.items())[-1000:]},
+            "control": self.control.snapshot(),
         }
 
     async def metrics_texts(self) -> list[str]:

@@ -26,6 +26,9 @@ class RuntimePolicy(BaseModel):
     )
     pd_mode: PDMode = Field("disaggregated", description="where prompts are prefilled")
     speculation: bool = Field(False, description="speculative decoding on/off")
+    max_num_seqs: int | None = Field(
+        None, ge=1, description="decode batch limit per replica; None = the configured one"
+    )
     version: int = Field(0, ge=0, description="bumped by every accepted change")
 
     def updated(self, changes: dict) -> RuntimePolicy:

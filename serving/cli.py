@@ -1,4 +1,4 @@
-"""`inferos serve | bench | models pull` — the project's one command-line entry point."""
+"""`inferos serve | bench | models pull | eval ppl` — the project's one command-line entry point."""
 
 from __future__ import annotations
 
@@ -39,7 +39,19 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--pd-mode",
         choices=["disaggregated", "colocated", "auto"],
         help="disaggregated (default): prefill replicas hand KV to decode through the store; "
-        "colocated: decode replicas prefill too",
+        "colocated: decode replicas prefill too; auto: per request",
+    )
+    p.add_argument(
+        "--kv-profile",
+        choices=["baseline", "safe", "balanced", "aggressive"],
+        help="staged-KV profile at start (default baseline; changeable via POST /v1/policy)",
+    )
+    p.add_argument(
+        "--no-prefix-reuse",
+        dest="prefix_reuse",
+        action="store_false",
+        default=None,
+        help="prefill every prompt in full, even where its prefix's KV is stored",
     )
 
 
@@ -61,6 +73,8 @@ def build_config(args: argparse.Namespace) -> InferosConfig:
         ("decode", "num_replicas"): args.decode_replicas,
         ("scheduling", "stream_interval"): args.stream_interval,
         ("scheduling", "pd_mode"): args.pd_mode,
+        ("kv_cache", "profile"): args.kv_profile,
+        ("kv_cache", "prefix_reuse"): args.prefix_reuse,
     }
     for (section, key), value in overrides.items():
         if value is not None:
@@ -109,6 +123,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_eval_ppl(args: argparse.Namespace) -> int:
+    from serving.eval.cli import run
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return run(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferos", description="Infer-OS Serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +148,16 @@ def make_parser() -> argparse.ArgumentParser:
     pull_p = models_sub.add_parser("pull", help="install and convert the default model (offline)")
     pull_p.add_argument("--force", action="store_true", help="convert again even if present")
     pull_p.set_defaults(func=cmd_models_pull)
+
+    from serving.eval.cli import add_arguments as add_eval_arguments
+
+    eval_p = sub.add_parser("eval", help="measure model quality")
+    eval_sub = eval_p.add_subparsers(dest="eval_command", required=True)
+    ppl_p = eval_sub.add_parser(
+        "ppl", help="streaming perplexity, KLD and KV bytes/token of staged-KV profiles"
+    )
+    add_eval_arguments(ppl_p)
+    ppl_p.set_defaults(func=cmd_eval_ppl)
     return parser
 
 

@@ -54,6 +54,21 @@ class KVCacheSettings(_Strict):
         "baseline",
         description="staged-KV profile at start (changeable at run time and per request)",
     )
+    quant_unit_tokens: PositiveInt = Field(
+        64,
+        description="tokens quantized together as one unit (a multiple of block_size); "
+        "larger units amortize scales better",
+    )
+    prefix_reuse: bool = Field(
+        True,
+        description="prefill computes only the prompt tokens whose KV isn't stored yet "
+        "(the earlier turns of a conversation, a shared system prompt)",
+    )
+    spill_dir: str | None = Field(
+        None,
+        description="local directory of the spill tier (L3, and originals of demoted blocks "
+        "that make promotion lossless); None = a temporary directory per process",
+    )
 
 
 class SchedulingSettings(_Strict):
@@ -101,6 +116,27 @@ class RoleSettings(_Strict):
     )
 
 
+class ControlSettings(_Strict):
+    """The scheduler's control loops (see `policies/control.py`)."""
+
+    enabled: bool = True
+    fast_period_s: float = Field(0.01, gt=0, description="anomalies, memory pressure")
+    mid_period_s: float = Field(0.1, gt=0, description="KV window, batch limits")
+    slow_period_s: float = Field(1.0, gt=0, description="undo pressure profile, end fallback")
+    replica_down_after_s: float = Field(
+        5.0, gt=0, description="a replica silent this long is an anomaly (fallback)"
+    )
+    max_error_rate: float = Field(
+        0.5, gt=0, le=1, description="server-side failures among the last 50 requests"
+    )
+    pressure_high: float = Field(
+        0.9, gt=0, le=1, description="decode KV usage that calls for a lossy profile"
+    )
+    fallback_hold_s: float = Field(
+        30.0, ge=0, description="baseline behaviour lasts this long after the last anomaly"
+    )
+
+
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -119,6 +155,47 @@ class ServerSettings(_Strict):
     )
 
 
+class SpeculationSettings(_Strict):
+    """Speculative decoding on decode replicas (switchable at run time: RuntimePolicy)."""
+
+    enabled: bool = Field(False, description="speculate from the start")
+    method: Literal["truncated", "ngram", "model"] = Field(
+        "truncated",
+        description="truncated: the target's first num_draft_layers layers + final norm + "
+        "LM head (no extra weights, shares the target's KV); ngram: prompt lookup; model: "
+        "the model folder draft_model (same tokenizer)",
+    )
+    draft_model: str | None = Field(None, description="method=model: local HF folder")
+    placement: Literal["in_process", "deployment"] = Field(
+        "in_process",
+        description="in_process: the proposer runs in the decode replica (no hop per step); "
+        "deployment: in the `draft` deployment (a draft on another device), one batched call "
+        "per engine step",
+    )
+    num_draft_layers: PositiveInt = Field(
+        24, description="method=truncated: target layers the draft runs"
+    )
+    draft_vocab_size: PositiveInt | None = Field(
+        4096,
+        description="drafts only tokens with ids below this (the LM head dominates a small "
+        "model's step; low BPE ids are the frequent ones); None = the whole vocabulary",
+    )
+    k_max: int = Field(4, ge=1, le=16, description="most draft tokens per sequence and step")
+    ngram_max: PositiveInt = Field(3, description="method=ngram: longest suffix n-gram")
+    ngram_min: PositiveInt = Field(1, description="method=ngram: shortest suffix n-gram")
+    draft_num_blocks: PositiveInt = Field(
+        512, description="method=model: KV blocks of the draft's own cache"
+    )
+
+    @model_validator(mode="after")
+    def _draft_model_for_model(self) -> SpeculationSettings:
+        if self.method == "model" and not self.draft_model:
+            raise ValueError("speculation.method=model needs speculation.draft_model")
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("speculation.ngram_min must be <= ngram_max")
+        return self
+
+
 class InferosConfig(_Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     kv_cache: KVCacheSettings = Field(default_factory=KVCacheSettings)
@@ -129,6 +206,17 @@ class InferosConfig(_Strict):
         default_factory=lambda: RoleSettings(num_cpus=0.1, torch_threads=1)
     )
     server: ServerSettings = Field(default_factory=ServerSettings)
+    control: ControlSettings = Field(default_factory=ControlSettings)
+    speculation: SpeculationSettings = Field(default_factory=SpeculationSettings)
+
+    @model_validator(mode="after")
+    def _unit_is_whole_blocks(self) -> InferosConfig:
+        if self.kv_cache.quant_unit_tokens % self.kv_cache.block_size:
+            raise ValueError(
+                f"kv_cache.quant_unit_tokens = {self.kv_cache.quant_unit_tokens} must be a "
+                f"multiple of kv_cache.block_size = {self.kv_cache.block_size}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _blocks_cover_a_request(self) -> InferosConfig:
@@ -166,4 +254,7 @@ class InferosConfig(_Strict):
             max_num_batched_tokens=self.scheduling.max_num_batched_tokens,
             max_model_len=self.model.max_model_len,
             kv_dtype=self.model.dtype if self.kv_cache.dtype == "auto" else self.kv_cache.dtype,
+            kv_profile=self.kv_cache.profile,
+            kv_unit_tokens=self.kv_cache.quant_unit_tokens,
+            kv_spill_dir=self.kv_cache.spill_dir,
         )

@@ -46,6 +46,27 @@ class _Instruments:
     def _histogram(self, name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
         return Histogram(P + name, doc, LABELS, buckets=buckets, registry=self.registry)
 
+    def _kv_level_instruments(self) -> None:
+        """Staged KV: blocks and bytes per level, all present (at 0) from the start, and
+        the demotion/promotion/spill counters; engines and the store both export them."""
+        lb = self.labels
+        blocks = self._gauge("kv_blocks_per_level", "KV blocks held at each level.", ("level",))
+        nbytes = self._gauge("kv_bytes_per_level", "KV bytes held at each level.", ("level",))
+        self.blocks_per_level = {lv: blocks.labels(**lb, level=lv) for lv in KV_LEVELS}
+        self.bytes_per_level = {lv: nbytes.labels(**lb, level=lv) for lv in KV_LEVELS}
+        for lv in KV_LEVELS:
+            self.blocks_per_level[lv].set(0)
+            self.bytes_per_level[lv].set(0)
+        self.demotions = self._counter(
+            "kv_demotions", "KV blocks moved to a lower-precision level."
+        ).labels(**lb)
+        self.promotions = self._counter(
+            "kv_promotions", "KV blocks restored to a higher-precision level."
+        ).labels(**lb)
+        self.spills = self._counter("kv_spills", "KV blocks written to the spill tier.").labels(
+            **lb
+        )
+
     def exposition(self) -> str:
         return generate_latest(self.registry).decode()
 
@@ -117,6 +138,7 @@ class EngineMetrics(_Instruments):
             "engine_step_seconds", "Duration of one engine step.", STEP_SECONDS_BUCKETS
         ).labels(**lb)
         self.preemptions = self._counter("num_preemptions", "Sequences preempted.").labels(**lb)
+        self._kv_level_instruments()
         self.kv_transfer_bytes = self._counter(
             "kv_transfer_bytes", "KV bytes exported to or imported from the store."
         ).labels(**lb)
@@ -170,23 +192,14 @@ class StoreMetrics(_Instruments):
         self.evictions = self._counter(
             "kv_store_evictions", "Sequences dropped for budget."
         ).labels(**lb)
-        # Staged KV: one series per level, all present (at 0) from the start.
-        blocks = self._gauge("kv_blocks_per_level", "KV blocks held at each level.", ("level",))
-        nbytes = self._gauge("kv_bytes_per_level", "KV bytes held at each level.", ("level",))
-        self.blocks_per_level = {lv: blocks.labels(**lb, level=lv) for lv in KV_LEVELS}
-        self.bytes_per_level = {lv: nbytes.labels(**lb, level=lv) for lv in KV_LEVELS}
-        for lv in KV_LEVELS:
-            self.blocks_per_level[lv].set(0)
-            self.bytes_per_level[lv].set(0)
-        self.demotions = self._counter(
-            "kv_demotions", "KV blocks moved to a lower-precision level."
+        self._kv_level_instruments()
+        # vLLM's prefix-cache counters (in tokens): hit rate = hits / queries
+        self.prefix_queries = self._counter(
+            "prefix_cache_queries", "Prompt tokens looked up in the stored KV."
         ).labels(**lb)
-        self.promotions = self._counter(
-            "kv_promotions", "KV blocks restored to a higher-precision level."
+        self.prefix_hits = self._counter(
+            "prefix_cache_hits", "Prompt tokens whose KV was found stored."
         ).labels(**lb)
-        self.spills = self._counter("kv_spills", "KV blocks written to the spill tier.").labels(
-            **lb
-        )
         self.delta_ppl_estimate = self._gauge(
             "kv_delta_ppl_estimate",
             "Estimated perplexity increase caused by lossy KV levels (NaN until estimated).",
@@ -197,12 +210,31 @@ class StoreMetrics(_Instruments):
 class SchedulerMetrics(_Instruments):
     def __init__(self, model: str):
         super().__init__(model, "scheduler", "0")
+        lb = self.labels
         self._decisions = self._counter(
             "routing_decisions", "Routing decisions by kind.", ("decision",)
         )
 
+        self._fallbacks = self._counter(
+            "policy_fallbacks", "Fallbacks to baseline behaviour on an anomaly."
+        )
+        self.fallback_active = self._gauge(
+            "policy_fallback_active", "1 while the app runs in fallback (baseline) mode."
+        ).labels(**lb)
+        self.fallback_active.set(0)
+        self._actions = self._counter(
+            "control_actions", "Policy changes made by the control loops, by field.", ("field",)
+        )
+
     def decision(self, kind: str) -> None:
         self._decisions.labels(**self.labels, decision=kind).inc()
+
+    def fallback(self, reason: str) -> None:
+        self._fallbacks.labels(**self.labels).inc()
+        self.fallback_active.set(1)
+
+    def control_action(self, field: str) -> None:
+        self._actions.labels(**self.labels, field=field).inc()
 
 
 def merge_expositions(texts: Iterable[str]) -> str:

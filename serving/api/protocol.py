@@ -35,6 +35,8 @@ class _SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    # Ours (pass with the openai client's extra_body): staged-KV profile for this request.
+    kv_profile: Literal["baseline", "safe", "balanced", "aggressive"] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -68,6 +70,7 @@ class _SamplingFields(BaseModel):
             stop=self.stop_strings(),
             ignore_eos=self.ignore_eos,
             min_tokens=min(self.min_tokens, max_tokens),
+            kv_profile=self.kv_profile,
         )
 
     @property

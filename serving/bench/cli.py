@@ -100,10 +100,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar / periodic progress lines"
     )
+    parser.add_argument(
+        "--multi-turn",
+        action="store_true",
+        help="chat sessions, each sending its next turn (whole history) after the previous "
+        "answer; reports TTFT per turn",
+    )
+    parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns per session")
+    parser.add_argument(
+        "--sessions", type=int, default=4, help="multi-turn: concurrent sessions"
+    )
+    parser.add_argument(
+        "--turn-len", type=int, default=64, help="multi-turn: new user tokens per later turn"
+    )
 
 
 def _validate(args: argparse.Namespace) -> str | None:
-    for name in ("concurrency", "num_prompts", "input_len", "output_len"):
+    for name in ("concurrency", "num_prompts", "input_len", "output_len", "turns", "sessions"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
     return None
@@ -126,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if error:
         print(f"bench: {error}", file=sys.stderr)
         return 2
+    if args.multi_turn:
+        from serving.bench.multi_turn import run as run_multi_turn
+
+        return run_multi_turn(args)
     try:
         counter = load_token_counter(args.tokenizer)
         text = read_source_text(args.prompts_file)

@@ -135,7 +135,8 @@ class LLMEngine:
             return []
         self.num_preemptions += len(batch.preempted)
         started = time.perf_counter()
-        if self.spec is not None and not batch.is_prefill:
+        # speculation reads the cache through plain block tables: not over quantized units
+        if self.spec is not None and not batch.is_prefill and self.staged.plan(batch.seqs) is None:
             spec_outputs = self.spec.step(batch)  # None: decode this batch plainly
             if spec_outputs is not None:
                 return self._finish_decode(batch, spec_outputs, started)
@@ -147,7 +148,8 @@ class LLMEngine:
                     self.staged.rebalance(batch.seqs, self.block_pool.usage)
                 if self.num_decode_steps % IMPORTANCE_EVERY == 0:
                     importance_layer = self.importance_layer
-            plan = self.staged.plan(batch.seqs)
+        # prefill steps too: a prompt may continue a cached prefix held quantized
+        plan = self.staged.plan(batch.seqs) if self.staged.states else None
         logits = self.runner.execute(batch, plan, importance_layer)
         if self.runner.last_importance is not None:
             self._record_importance(batch.seqs, self.runner.last_importance)
@@ -198,7 +200,9 @@ class LLMEngine:
             export = None
             if seq.export_kv:
                 # A prefill engine hands the prompt's KV on after its first token.
-                export = self.runner.export_blocks(seq.block_table, seq.num_computed_tokens)
+                export = self.staged.export(
+                    seq, seq.num_computed_tokens, self.runner.layout, self.runner.export_blocks
+                )
             if reason is not None or seq.export_kv:
                 self.scheduler.finish(seq)
                 seq.finish_reason = reason

@@ -67,6 +67,11 @@ class EngineThread:
         self._inbox.put(("abort", req_id))
         self._wake.set()
 
+    def call(self, fn: Callable[[LLMEngine], None]) -> None:
+        """Run `fn(engine)` on the engine thread before its next step (settings changes)."""
+        self._inbox.put(("call", fn))
+        self._wake.set()
+
     def _drain_inbox(self) -> None:
         assert self.engine is not None
         while True:
@@ -76,6 +81,11 @@ class EngineThread:
                 return
             if kind == "add":
                 self.engine.add_request(item)  # type: ignore[arg-type]
+            elif kind == "call":
+                try:
+                    item(self.engine)  # type: ignore[operator]
+                except Exception:
+                    logger.exception("engine call failed")
             elif kind == "threads":
                 if torch.get_num_threads() != item:
                     torch.set_num_threads(item)  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,13 +29,14 @@ import torch
 from policies.kv_levels import PROFILES, BlockStats, Level, Profile, assign_levels
 from serving.engine.block_pool import BlockPool
 from serving.engine.sequence import Sequence
-from serving.kv.block_format import KVPayload
-from serving.kv.quant import QuantizedBlock, quantize_block
+from serving.kv.block_format import KVLayout, KVPayload
+from serving.kv.quant import QuantizedBlock, dequantize_block, quantize_block
 from serving.kv.quant_pool import QuantPool
 from serving.kv.spill import SpillStore
 
 logger = logging.getLogger(__name__)
 
+ExportFn = Callable[[list[int], int], KVPayload]
 HOLE = -1  # block-table entry of a block whose data lives in a quantized unit
 _BITS = {Level.L1: 8, Level.L2: 4}
 DEFAULT_UNIT_TOKENS = 64
@@ -53,7 +55,7 @@ class SeqKVState:
 
     units: dict[int, Unit] = field(default_factory=dict)  # unit index → quantized unit
     mass: list[float] = field(default_factory=list)  # attention mass received, per block
-    originals: set[int] = field(default_factory=set)  # unit indices with a spilled original
+    originals: dict[int, int] = field(default_factory=dict)  # unit index → spilled bytes
 
 
 @dataclass(slots=True)
@@ -82,6 +84,7 @@ class LevelCounters:
     demotions: int = 0
     promotions: int = 0
     spills: int = 0
+    imported: int = 0  # units that arrived quantized (from the store) and stayed so
 
 
 class StagedKVManager:
@@ -106,6 +109,7 @@ class StagedKVManager:
         self._ids = itertools.count()
         self._spill_prefix = f"live-{id(self):x}"
         self.counters = LevelCounters()
+        self.spill_bytes = 0  # originals on disk (counted as disk, never as KV memory)
         # One unit size per engine: every unit of a level shares one pool array.
         self.ub = max(1, unit_tokens // block_size)
 
@@ -138,8 +142,9 @@ class StagedKVManager:
             return
         for unit in st.units.values():
             self._drop_unit(unit)
-        for u in st.originals:
+        for u, nbytes in st.originals.items():
             self.spill.drop(self._key(seq, u))
+            self.spill_bytes -= nbytes
 
     def _drop_unit(self, unit: Unit) -> None:
         self.pools[unit.level].release(unit.slot)
@@ -188,24 +193,54 @@ class StagedKVManager:
             seq.block_table[index : index + n] = [HOLE] * n
             st.units[index // n] = Unit(level, slot, element.num_bytes)
             self.block_pool.extra_bytes += element.num_bytes
+            self.counters.imported += 1
             index += n
+
+    def export(
+        self, seq: Sequence, num_tokens: int, layout: KVLayout, export_blocks: ExportFn
+    ) -> KVPayload:
+        """The sequence's first `num_tokens` tokens of KV as they are held: full-precision
+        blocks, and quantized units as `QuantizedBlock`s (with `spans`/`sizes`)."""
+        st = self.states.get(seq.req_id)
+        if st is None or not st.units:
+            return export_blocks(seq.block_table, num_tokens)
+        n = -(-num_tokens // self.block_size)
+        elements: list[object] = []
+        spans: list[int] = []
+        sizes: list[int] = []
+        i = 0
+        while i < n:
+            if seq.block_table[i] == HOLE:
+                unit = st.units[i // self.ub]
+                qb = self.pools[unit.level].get(unit.slot)
+                elements.append(qb)
+                spans.append(self.ub)
+                sizes.append(qb.num_bytes)
+                i += self.ub
+            else:
+                elements.append(self.kv_cache[:, :, seq.block_table[i]].clone())
+                spans.append(1)
+                sizes.append(layout.bytes_per_block())
+                i += 1
+        return KVPayload(layout, num_tokens, elements, spans, sizes)
 
     # --- levels -----------------------------------------------------------------------
     def bytes_per_level(self) -> dict[str, int]:
-        l0 = self.block_pool.num_used_blocks * self.block_pool.block_bytes
-        out = {"L0": l0, "L1": self.pools[Level.L1].num_bytes, "L2": self.pools[Level.L2].num_bytes}
-        out["L3"] = self._spill.num_bytes if self._spill is not None else 0
-        return out
+        """Safe to read from another thread: plain int reads, no iteration."""
+        return {
+            "L0": self.block_pool.num_used_blocks * self.block_pool.block_bytes,
+            "L1": self.pools[Level.L1].num_bytes,
+            "L2": self.pools[Level.L2].num_bytes,
+            "L3": self.spill_bytes,  # the spill tier holds originals of demoted units
+        }
 
-    def blocks_per_level(self, block_size_tokens: int | None = None) -> dict[str, int]:
-        counts = {"L0": self.block_pool.num_used_blocks, "L1": 0, "L2": 0}
-        for st in self.states.values():
-            for unit in st.units.values():
-                counts[unit.level.name] += self._unit_blocks_of(unit)
-        return counts
-
-    def _unit_blocks_of(self, unit: Unit) -> int:
-        return self.ub
+    def blocks_per_level(self) -> dict[str, int]:
+        return {
+            "L0": self.block_pool.num_used_blocks,
+            "L1": self.pools[Level.L1].num_units * self.ub,
+            "L2": self.pools[Level.L2].num_units * self.ub,
+            "L3": 0,  # a live sequence reads every block every step: none is only on disk
+        }
 
     def rebalance(self, seqs: list[Sequence], pressure: float) -> int:
         """Move every unit of `seqs` to the level the policy gives it now; returns moves."""
@@ -250,8 +285,9 @@ class StagedKVManager:
         data = self._unit_data(seq, u, ub)  # [L, 2, T, H, D], the best copy we have
         if u not in st.units:
             # first demotion: keep the bit-exact original on disk so promotion is lossless
-            self.spill.put(self._key(seq, u), data)
-            st.originals.add(u)
+            nbytes = self.spill.put(self._key(seq, u), data)
+            st.originals[u] = nbytes
+            self.spill_bytes += nbytes
             self.counters.spills += 1
         qb = quantize_block(data, _BITS[level])
         slot = self.pools[level].put(qb)
@@ -283,22 +319,37 @@ class StagedKVManager:
         return True
 
     def _unit_data(self, seq: Sequence, u: int, ub: int) -> torch.Tensor:
+        """The best copy of unit `u`: its original if one was spilled, else its L0 blocks,
+        else (a unit that arrived quantized, e.g. from the store) its dequantized values."""
         st = self.state(seq)
         if u in st.originals:
             return self.spill.get(self._key(seq, u))
+        if u in st.units:
+            unit = st.units[u]
+            return dequantize_block(self.pools[unit.level].get(unit.slot))
         blocks = seq.block_table[u * ub : (u + 1) * ub]
         data = self.kv_cache[:, :, blocks]  # [L, 2, ub, bs, H, D]
         return data.reshape(data.shape[0], 2, ub * self.block_size, *data.shape[4:])
 
     def relieve(self, seqs: list[Sequence], blocks_needed: int) -> bool:
-        """Out of room: demote at full pressure until `blocks_needed` fit (or nothing is
-        left to demote). Called before the scheduler would preempt or refuse."""
-        for seq in sorted(seqs, key=lambda s: -s.num_computed_tokens):
-            if self.block_pool.can_allocate(blocks_needed):
-                return True
-            if self.profile_for(seq).name == "baseline":
-                continue
-            self._rebalance_seq(seq, self.profile_for(seq), pressure=1.0)
+        """Out of room: demote until `blocks_needed` fit, before the scheduler would
+        preempt or refuse. Importance no longer decides *whether*, only the profile's
+        pinned sinks and window are spared: first every other unit to L1, then (where the
+        profile allows) to L2, longest sequences first."""
+        for ceiling in (Level.L1, Level.L2):
+            for seq in sorted(seqs, key=lambda s: -s.num_computed_tokens):
+                if self.block_pool.can_allocate(blocks_needed):
+                    return True
+                profile = self.profile_for(seq)
+                allowed = frozenset(lv for lv in profile.allowed_levels if lv <= ceiling)
+                if allowed == {Level.L0}:
+                    continue
+                forced = dataclasses.replace(
+                    profile, allowed_levels=allowed, l1_importance=math.inf,
+                    l2_importance=math.inf, l1_pressure=0.0, l2_pressure=0.0,
+                    spill_pressure=math.inf,
+                )  # fmt: skip
+                self._rebalance_seq(seq, forced, pressure=1.0)
         return self.block_pool.can_allocate(blocks_needed)
 
     # --- attention --------------------------------------------------------------------

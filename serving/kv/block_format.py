@@ -41,11 +41,18 @@ class KVPayload:
     layout: KVLayout
     num_tokens: int
     blocks: list[Any] = field(default_factory=list)
+    # Staged KV: an element may be a quantized unit of several blocks (`QuantizedBlock`);
+    # then `spans[i]` is element i's number of blocks and `sizes[i]` its bytes.
+    # None: every element is one full-precision block.
+    spans: list[int] | None = None
+    sizes: list[int] | None = None
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocks)
+        return sum(self.spans) if self.spans is not None else len(self.blocks)
 
     @property
     def num_bytes(self) -> int:
+        if self.sizes is not None:
+            return sum(self.sizes)
         return self.num_blocks * self.layout.bytes_per_block()

@@ -43,6 +43,20 @@ class SpillStore:
         os.replace(tmp, path)
         return path.stat().st_size
 
+    def put_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> int:
+        """Several named tensors in one file (one spilled sequence); returns its bytes."""
+        path = self._path(key)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(tmp))
+        os.replace(tmp, path)
+        return path.stat().st_size
+
+    def get_tensors(self, key: str) -> dict[str, torch.Tensor]:
+        path = self._path(key)
+        if not path.exists():
+            raise KeyError(key)
+        return load_file(str(path))
+
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under `key`, same dtype, shape and bits; KeyError if absent."""
         path = self._path(key)
@@ -53,6 +67,13 @@ class SpillStore:
     def drop(self, key: str) -> None:
         """Forget `key` and free its disk space; a missing key is fine (idempotent)."""
         self._path(key).unlink(missing_ok=True)
+
+    def drop_size(self, key: str) -> int:
+        """`drop`, returning the bytes freed (0 if absent)."""
+        path = self._path(key)
+        size = path.stat().st_size if path.exists() else 0
+        path.unlink(missing_ok=True)
+        return size
 
     def __contains__(self, key: str) -> bool:
         return self._path(key).exists()

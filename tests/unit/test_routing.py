@@ -74,3 +74,45 @@ def test_is_alive_staleness() -> None:
     assert is_alive(s, now_s=105.0, stale_after_s=5.0)  # the boundary still counts
     assert not is_alive(s, now_s=105.001, stale_after_s=5.0)
     assert not is_alive(ReplicaState("never"), now_s=1000.0, stale_after_s=5.0)
+
+
+# --- session affinity and the P/D choice (policies.routing.route) ----------------------
+from policies.routing import AFFINITY_SLACK, AUTO_MIN_PREFILL_TOKENS, route  # noqa: E402
+
+
+def test_a_session_stays_with_its_decode_replica_until_it_is_much_busier() -> None:
+    decode = _replicas(ReplicaState("d1", num_running=3), ReplicaState("d2", num_running=1))
+    r = route({}, decode, 100, "colocated", session_replica="d1")
+    assert (r.decode_replica, r.decode_reason) == ("d1", "affinity")
+    decode["d1"].num_running = 1 + AFFINITY_SLACK + 1
+    r = route({}, decode, 100, "colocated", session_replica="d1")
+    assert (r.decode_replica, r.decode_reason) == ("d2", "least_loaded")
+
+
+def test_a_session_whose_replica_is_gone_moves_to_the_least_loaded() -> None:
+    decode = _replicas(ReplicaState("d2", num_running=2), ReplicaState("d3", num_running=0))
+    r = route({}, decode, 100, "colocated", session_replica="d1")
+    assert (r.decode_replica, r.decode_reason) == ("d3", "least_loaded")
+
+
+def test_no_decode_replica_means_no_route() -> None:
+    assert route(_replicas(ReplicaState("p1")), {}, 100, "disaggregated") is None
+
+
+def test_prefill_choice_by_mode_prompt_length_and_prefill_load() -> None:
+    prefill = _replicas(ReplicaState("p1"), ReplicaState("p2", num_running=1))
+    decode = _replicas(ReplicaState("d1"))
+    long = AUTO_MIN_PREFILL_TOKENS
+    assert route(prefill, decode, 10, "disaggregated").prefill_replica == "p1"
+    r = route(prefill, decode, long, "colocated")
+    assert (r.prefill_replica, r.prefill_reason) == (None, "colocated")
+    r = route(prefill, decode, long - 1, "auto")
+    assert (r.prefill_replica, r.prefill_reason) == (None, "short_prompt")
+    assert route(prefill, decode, long, "auto").prefill_replica == "p1"
+    prefill["p1"].num_assigned = prefill["p2"].num_assigned = 2  # every prefill replica busy
+    r = route(prefill, decode, long, "auto")
+    assert (r.prefill_replica, r.prefill_reason) == (None, "prefill_busy")
+    decode["d1"].num_running = 5  # ... unless decode is busy too: then split anyway
+    assert route(prefill, decode, long, "auto").prefill_replica is not None
+    r = route({}, decode, long, "disaggregated")
+    assert (r.prefill_replica, r.prefill_reason) == (None, "no_prefill_replica")

@@ -48,3 +48,40 @@ def test_colocated_mode_routes_without_prefill_replica() -> None:
 def test_no_decode_replica_means_no_plan() -> None:
     sched = SchedulerActor(InferosConfig().model_dump())
     assert asyncio.run(sched.route("a", 10)) is None
+
+
+def test_sessions_keep_their_decode_replica_across_turns() -> None:
+    sched = _scheduler("colocated")
+
+    async def turns() -> list[str]:
+        chosen = []
+        for turn in range(3):  # both sessions' turns run at the same time, then finish
+            for session in ("a", "b"):
+                plan = await sched.route(f"{session}{turn}", 10, session_id=session)
+                chosen.append((session, plan.decode_replica))
+            for session in ("a", "b"):
+                await sched.finished(f"{session}{turn}")
+        return chosen
+
+    chosen = asyncio.run(turns())
+    by_session = {s: {r for s2, r in chosen if s2 == s} for s, _ in chosen}
+    assert all(len(replicas) == 1 for replicas in by_session.values()), by_session
+    assert by_session["a"] != by_session["b"]  # two sessions spread over both replicas
+
+
+def test_a_lost_replica_makes_the_app_fall_back_to_baseline_and_say_so() -> None:
+    sched = _scheduler()
+
+    async def scenario() -> tuple[str, bool, str, float]:
+        await sched.set_policy({"kv_profile": "balanced", "speculation": True})
+        await sched.forget("d2")
+        await sched.control._fast()  # one fast tick (10 ms in the running app)
+        policy = await sched.get_policy()
+        text = sched.metrics.exposition()
+        return policy.kv_profile, policy.speculation, text, sched.control.snapshot()
+
+    profile, speculation, text, snap = asyncio.run(scenario())
+    assert (profile, speculation) == ("baseline", False)
+    assert snap["fallback_active"] and snap["num_fallbacks"] == 1
+    assert "inferos:policy_fallbacks_total" in text
+    assert 'inferos:policy_fallback_active{model="default",replica="0",role="scheduler"} 1.0' in text

@@ -167,3 +167,36 @@ def test_pressure_demotes_instead_of_preempting_and_answers_match(
     assert staged.max_running == 4
     for rid, tokens in unconstrained.items():
         assert answers[rid][:16] == tokens[:16], rid
+
+
+def test_kv_exported_with_quantized_units_continues_identically_elsewhere(
+    model, prompt_ids, tmp_path
+) -> None:
+    """Engine A demotes, exports (units stay quantized), engine B imports: B's next-token
+    logits equal A's, and promoting an imported unit yields its dequantized values."""
+    a = _engine(model, tmp_path / "a")
+    seq_a = _prefilled(a, prompt_ids)
+    a.staged.demote(seq_a, 0, UB, Level.L1)
+    a.staged.demote(seq_a, 1, UB, Level.L2)
+    payload = a.staged.export(seq_a, seq_a.num_tokens - 1, a.runner.layout, a.runner.export_blocks)
+    assert payload.spans[:2] == [UB, UB] and payload.num_blocks == -(-payload.num_tokens // BS)
+    batch_a = a.scheduler.schedule()
+    logits_a = a.runner.execute(batch_a, a.staged.plan(batch_a.seqs))
+
+    b = _engine(model, tmp_path / "b")
+    seq_b = Sequence("s", list(prompt_ids), SamplingParams(max_tokens=8, temperature=0.0))
+    seq_b.output_token_ids = list(seq_a.output_token_ids)
+    seq_b.kv_import = payload
+    b.add_request(seq_b)
+    batch_b = b.scheduler.schedule()
+    assert not batch_b.is_prefill  # everything but the newest token came from A
+    assert b.staged.state(seq_b).units.keys() == {0, 1}
+    logits_b = b.runner.execute(batch_b, b.staged.plan(batch_b.seqs))
+    torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=1e-4)
+
+    unit = b.staged.state(seq_b).units[1]
+    expected = dequantize_block(b.staged.pools[unit.level].get(unit.slot))
+    assert b.staged.promote(seq_b, 1, UB)
+    blocks = seq_b.block_table[UB : 2 * UB]
+    got = b.runner.kv_cache[:, :, blocks].reshape(expected.shape[0], 2, UNIT_TOKENS, 3, 64)
+    assert torch.equal(got, expected)

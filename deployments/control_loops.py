@@ -1,0 +1,194 @@
+"""The scheduler actor's three control loops (fast, mid, slow), on its event loop.
+
+The decisions are `policies.control` (pure); this module observes the scheduler's state,
+applies decisions through `SchedulerActor.set_policy` (so replicas follow within one report
+period) and says what it did in logs and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from policies.control import (
+    ControlState,
+    Observation,
+    anomaly,
+    pressure_profile,
+    window_for,
+)
+from serving.config import ControlSettings
+from serving.messages import Role
+
+if TYPE_CHECKING:
+    from deployments.scheduler import SchedulerActor
+
+logger = logging.getLogger(__name__)
+
+CALM_BEFORE_UNDO_S = 5.0
+PRESSURE_LOW = 0.5
+
+
+class ControlLoops:
+    def __init__(self, scheduler: SchedulerActor, settings: ControlSettings):
+        self.scheduler = scheduler
+        self.settings = settings
+        self.state = ControlState()
+        self.lost_replicas = 0
+        self.last_reason: str | None = None
+        self.num_fallbacks = 0
+        self.ticks = {"fast": 0, "mid": 0, "slow": 0}
+        self._tasks: list[asyncio.Task] = []
+
+    # --- inputs -------------------------------------------------------------------------
+    def ensure_started(self) -> None:
+        """Start the loops on the actor's event loop (called from its first async call)."""
+        if self._tasks or not self.settings.enabled:
+            return
+        s = self.settings
+        for name, period, tick in (
+            ("fast", s.fast_period_s, self._fast),
+            ("mid", s.mid_period_s, self._mid),
+            ("slow", s.slow_period_s, self._slow),
+        ):
+            task = asyncio.get_running_loop().create_task(self._run(name, period, tick))
+            self._tasks.append(task)
+
+    def record_outcome(self, error: bool) -> None:
+        self.state.outcomes.append(error)
+
+    def replica_lost(self, replica_id: str) -> None:
+        self.lost_replicas += 1
+        logger.warning("control: replica %s reported lost", replica_id)
+
+    # --- loops --------------------------------------------------------------------------
+    async def _run(self, name: str, period: float, tick) -> None:
+        while True:
+            try:
+                await tick()
+                self.ticks[name] += 1
+            except Exception:  # a bad tick must not stop the loop
+                logger.exception("control loop %s failed", name)
+            await asyncio.sleep(period)
+
+    def _observe(self) -> Observation:
+        sched = self.scheduler
+        decode = sched.replicas[Role.DECODE]
+        every = {**sched.replicas[Role.PREFILL], **decode}
+        budget = sched.run_context.quality_budget if sched.run_context else None
+        outcomes = self.state.outcomes
+        return Observation(
+            now_s=time.time(),
+            kv_usage={r: s.kv_usage for r, s in decode.items()},
+            last_report_s={r: s.last_report_s for r, s in every.items()},
+            lost_replicas=self.lost_replicas,
+            recent_errors=sum(outcomes),
+            recent_requests=len(outcomes),
+            kv_profile=sched.policy.kv_profile,
+            quality_budget_pct=None if budget is None else budget * 100,
+        )
+
+    async def _fast(self) -> None:
+        obs = self._observe()
+        why = anomaly(obs, self.settings.replica_down_after_s, self.settings.max_error_rate)
+        self.lost_replicas = 0
+        if why is not None:
+            self.state.outcomes.clear()  # judge the new state on new outcomes
+            self._prune_silent(obs)
+            await self._fall_back(why)
+            return
+        if self.state.fallback_since_s is not None:
+            return
+        profile = pressure_profile(obs, self.settings.pressure_high)
+        if profile is not None:
+            self.state.auto_profile = profile
+            self.state.calm_since_s = None
+            await self._apply({"kv_profile": profile}, f"KV pressure → profile {profile}")
+
+    async def _mid(self) -> None:
+        sched = self.scheduler
+        if self.state.fallback_since_s is not None:
+            return
+        usage = [s.kv_usage for s in sched.replicas[Role.DECODE].values()]
+        if sched.policy.kv_profile != "baseline" and usage:
+            shrunk, window = window_for(
+                max(usage), self.state.window_shrunk, self.settings.pressure_high, PRESSURE_LOW
+            )
+            if window != -1:
+                self.state.window_shrunk = shrunk
+                await self._apply({"kv_window": window}, f"KV window → {window}")
+        ctx = sched.run_context
+        if ctx is not None and ctx.expected_batch_size is not None:
+            limit = max(8, int(ctx.expected_batch_size * 1.5))
+            if sched.policy.max_num_seqs != limit:
+                await self._apply({"max_num_seqs": limit}, f"batch limit → {limit}")
+
+    async def _slow(self) -> None:
+        now = time.time()
+        st = self.state
+        if st.fallback_since_s is not None:
+            if now - st.fallback_since_s >= self.settings.fallback_hold_s:
+                saved, st.fallback_since_s, st.saved_policy = st.saved_policy or {}, None, None
+                self.scheduler.metrics.fallback_active.set(0)
+                await self._apply(saved, "no anomaly since the fallback: policy restored")
+            return
+        if st.auto_profile is None:
+            return
+        usage = [s.kv_usage for s in self.scheduler.replicas[Role.DECODE].values()]
+        if usage and max(usage) < PRESSURE_LOW:
+            st.calm_since_s = st.calm_since_s or now
+            if now - st.calm_since_s >= CALM_BEFORE_UNDO_S:
+                st.auto_profile = None
+                await self._apply({"kv_profile": "baseline"}, "KV pressure gone → baseline")
+        else:
+            st.calm_since_s = None
+
+    def _prune_silent(self, obs: Observation) -> None:
+        """Forget replicas that stopped reporting (Serve replaces a dead replica under a
+        new id), so the anomaly they raised clears once it has been acted on."""
+        limit = self.settings.replica_down_after_s
+        for pool in self.scheduler.replicas.values():
+            for rid in [r for r, s in pool.items() if obs.now_s - s.last_report_s > limit]:
+                del pool[rid]
+                logger.warning("control: replica %s silent for over %.1f s: forgotten", rid, limit)
+
+    # --- actions ------------------------------------------------------------------------
+    async def _fall_back(self, why: str) -> None:
+        sched = self.scheduler
+        policy = sched.policy
+        first = self.state.fallback_since_s is None
+        self.state.fallback_since_s = time.time()
+        if not first:
+            return  # still in fallback: the hold restarts
+        self.num_fallbacks += 1
+        sched.metrics.fallback(why)
+        self.state.saved_policy = {
+            "kv_profile": policy.kv_profile,
+            "speculation": policy.speculation,
+            "kv_window": policy.kv_window,
+        }
+        self.state.auto_profile = None
+        logger.warning("control: FALLBACK to baseline behaviour: %s", why)
+        await self._apply({"kv_profile": "baseline", "speculation": False}, f"fallback: {why}")
+
+    async def _apply(self, changes: dict, reason: str) -> None:
+        policy = self.scheduler.policy.model_dump()
+        changes = {k: v for k, v in changes.items() if policy.get(k) != v}
+        if not changes:
+            return
+        await self.scheduler.set_policy(changes)
+        self.last_reason = reason
+        self.scheduler.metrics.control_action(next(iter(changes)))
+        logger.info("control: %s (%s)", reason, changes)
+
+    def snapshot(self) -> dict:
+        st = self.state
+        return {
+            "ticks": dict(self.ticks),
+            "fallback_active": st.fallback_since_s is not None,
+            "num_fallbacks": self.num_fallbacks,
+            "auto_profile": st.auto_profile,
+            "last_action": self.last_reason,
+        }

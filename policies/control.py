@@ -1,0 +1,104 @@
+"""What the scheduler's control loops decide, as pure functions of what they observe.
+
+Three loops run at their own periods (`ControlSettings`: fast 10 ms, mid 100 ms, slow 1 s):
+
+- fast: anomalies → fall back to `baseline` behaviour (no lossy KV, no speculation) at
+  once; memory pressure → a lossy KV profile, but only as far as the operator's quality
+  budget (`POST /v1/run-context`) allows — without a budget, nothing lossy is switched on;
+- mid: the recent-window of full-precision tokens shrinks under pressure and returns to
+  the profile's when pressure is gone;
+- slow: a profile the fast loop switched on is switched off again after a calm period,
+  and a fallback is lifted after `fallback_hold_s` without anomalies.
+
+Anomalies: the error rate of the last finished requests over `max_error_rate`, a replica
+that stopped reporting or was seen dead, or the profile's measured quality cost beyond the
+budget. Each decision says why, for logs and metrics.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+# Measured ΔPPL % per profile (wikitext-2, context 2048, default model: see
+# benchmarks/results/*/kv_eval*.json); a profile costing more than the quality budget is
+# an anomaly when it is active. Refreshed when the recipe changes.
+PROFILE_DELTA_PPL_PCT: dict[str, float] = {
+    "baseline": 0.0,
+    "safe": 0.2,
+    "balanced": 2.0,
+    "aggressive": 5.0,
+}
+LOSSY_ORDER = ("aggressive", "balanced", "safe")  # most saving first
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What the loops see: the replicas' last reports and the recent outcomes."""
+
+    now_s: float
+    kv_usage: dict[str, float]  # decode replica → fraction of its KV budget in use
+    last_report_s: dict[str, float]  # replica → time of its last report
+    lost_replicas: int  # replicas callers saw die since the last look
+    recent_errors: int
+    recent_requests: int
+    kv_profile: str
+    quality_budget_pct: float | None  # from the run context (0.02 → 2.0), None = not given
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    changes: dict  # RuntimePolicy changes ({} = none)
+    reason: str
+    fallback: bool = False
+
+
+@dataclass(slots=True)
+class ControlState:
+    """What the loops remember between ticks."""
+
+    fallback_since_s: float | None = None
+    saved_policy: dict | None = None  # the policy before the fallback
+    auto_profile: str | None = None  # a profile the pressure rule switched on
+    calm_since_s: float | None = None
+    window_shrunk: bool = False
+    outcomes: deque = field(default_factory=lambda: deque(maxlen=50))
+
+
+def anomaly(obs: Observation, down_after_s: float, max_error_rate: float) -> str | None:
+    """Why the app should fall back right now, or None."""
+    if obs.lost_replicas:
+        return f"{obs.lost_replicas} replica(s) lost"
+    stale = [r for r, t in obs.last_report_s.items() if obs.now_s - t > down_after_s]
+    if stale:
+        return f"replica(s) {', '.join(sorted(stale))} silent for over {down_after_s:.1f} s"
+    if obs.recent_requests >= 10 and obs.recent_errors / obs.recent_requests > max_error_rate:
+        return f"error rate {obs.recent_errors}/{obs.recent_requests}"
+    cost = PROFILE_DELTA_PPL_PCT.get(obs.kv_profile, 0.0)
+    if obs.quality_budget_pct is not None and cost > obs.quality_budget_pct:
+        return (
+            f"profile {obs.kv_profile} costs ~{cost}% PPL, beyond the quality budget "
+            f"{obs.quality_budget_pct}%"
+        )
+    return None
+
+
+def pressure_profile(obs: Observation, high: float) -> str | None:
+    """The lossy profile that memory pressure calls for, within the quality budget."""
+    if obs.kv_profile != "baseline" or not obs.kv_usage or obs.quality_budget_pct is None:
+        return None
+    if max(obs.kv_usage.values()) < high:
+        return None
+    for name in LOSSY_ORDER:
+        if PROFILE_DELTA_PPL_PCT[name] <= obs.quality_budget_pct:
+            return name
+    return None
+
+
+def window_for(pressure: float, shrunk: bool, high: float, low: float) -> tuple[bool, int | None]:
+    """(shrunk?, kv_window change) — None as the change means 'back to the profile's'."""
+    if pressure >= high and not shrunk:
+        return True, 64
+    if pressure <= low and shrunk:
+        return False, None
+    return shrunk, -1  # -1: no change
