@@ -17,6 +17,7 @@ from policies.kv_levels import (
     Level,
     Profile,
     assign_levels,
+    live_unit_levels,
     pinned_blocks,
 )
 
@@ -64,7 +65,8 @@ def test_sinks_and_window_stay_l0_under_any_pressure(profile: Profile) -> None:
 
 def test_pinned_block_arithmetic() -> None:
     # 100 tokens, bs 16: blocks 0..6; 4 sinks -> block 0; 64-token window -> tokens 36..99.
-    assert pinned_blocks(AGGRESSIVE, BS, 100) == {0, 2, 3, 4, 5, 6}
+    sinks_and_window = Profile("x", 64, 4, frozenset(Level))
+    assert pinned_blocks(sinks_and_window, BS, 100) == {0, 2, 3, 4, 5, 6}
     # A partial tail is pinned even with no window; a full one is not.
     no_window = Profile("x", 0, 0, frozenset(Level))
     assert pinned_blocks(no_window, BS, 40) == {2}
@@ -112,13 +114,19 @@ def test_less_important_never_shallower(profile: Profile) -> None:
             assert all(a[1] >= b[1] for a, b in zip(free, free[1:], strict=False))
 
 
-def test_balanced_ladder_and_spill() -> None:
+LADDER = Profile(
+    "ladder", recent_window_tokens=128, num_sink_tokens=4, allowed_levels=frozenset(Level),
+    l1_importance=1.0, l2_importance=0.25, l1_pressure=0.3, l2_pressure=0.6, spill_pressure=0.9,
+)  # fmt: skip
+
+
+def test_ladder_importance_and_spill() -> None:
     # 20 full blocks, window 128 tokens -> blocks 12..19 pinned, plus block 0 (sinks).
     num_tokens = 20 * BS
     masses = [1.0] * 20
     masses[3], masses[5] = 0.0, 0.5  # 3: least important; 5: below average, not below 0.25x
     blocks = [BlockStats(i, m) for i, m in enumerate(masses)]
-    at = {p: assign_levels(blocks, BALANCED, p, BS, num_tokens) for p in (0.1, 0.4, 0.7, 0.95)}
+    at = {p: assign_levels(blocks, LADDER, p, BS, num_tokens) for p in (0.1, 0.4, 0.7, 0.95)}
     assert set(at[0.1]) == {Level.L0}
     assert at[0.4][3] == at[0.4][5] == Level.L1 and at[0.4][4] == Level.L0
     assert at[0.7][3] == Level.L2 and at[0.7][5] == Level.L1 and at[0.7][4] == Level.L0
@@ -127,11 +135,48 @@ def test_balanced_ladder_and_spill() -> None:
 
 
 def test_zero_attention_mass_is_average_and_order_is_preserved() -> None:
+    p = Profile("p", 64, 4, frozenset(Level), l1_importance=2.0, l2_importance=1.0,
+                l1_pressure=0.0, l2_pressure=0.3, spill_pressure=0.8)  # fmt: skip
     blocks = [BlockStats(i, 0.0) for i in reversed(range(10))]
-    levels = assign_levels(blocks, AGGRESSIVE, 0.5, BS, 10 * BS)
-    # Aggressive: window 64 tokens -> blocks 6..9 pinned; relative 1.0 < 2.0 -> L1, not < 1.0.
+    levels = assign_levels(blocks, p, 0.5, BS, 10 * BS)
+    # window 64 tokens -> blocks 6..9 pinned; relative 1.0 < 2.0 -> L1, not < 1.0.
     expected = [Level.L0 if b.index in {0, 6, 7, 8, 9} else Level.L1 for b in blocks]
     assert levels == expected
+
+
+def test_one_unit_size_for_every_profile() -> None:
+    """The engine keeps one quantization unit size (its pools are per level, not per
+    profile), so all profiles must agree on it."""
+    assert len({p.quant_group_tokens for p in PROFILES.values()}) == 1
+    with pytest.raises(ValueError):
+        Profile("bad", 0, 0, frozenset(Level), quant_group_tokens=24)
+
+
+@pytest.mark.parametrize("profile", [SAFE, BALANCED, AGGRESSIVE], ids=lambda p: p.name)
+def test_live_units_pressure_drives_demotion(profile: Profile) -> None:
+    """Full units only; no pressure keeps everything L0 (aggressive: INT8 at most); full
+    pressure (with no attention statistics yet) demotes every unpinned unit to the
+    profile's deepest in-memory level."""
+    g = profile.quant_group_tokens
+    num_tokens = 16 * g + g // 2  # a half-filled tail unit
+    pinned = pinned_blocks(profile, g, num_tokens)
+    idle = live_unit_levels([], profile, 0.0, num_tokens)
+    idle_level = Level.L0 if profile.l1_pressure > 0 else Level.L1
+    assert len(idle) == 16
+    assert all(lv == (Level.L0 if u in pinned else idle_level) for u, lv in enumerate(idle))
+    full = live_unit_levels([], profile, 1.0, num_tokens)
+    deepest = Level.L1 if profile is SAFE else Level.L2
+    assert [u for u, lv in enumerate(full) if lv == Level.L0] == sorted(u for u in pinned if u < 16)
+    assert all(lv == deepest for u, lv in enumerate(full) if u not in pinned)
+    assert Level.L3 not in full  # live sequences never get spilled units
+
+
+def test_live_units_keep_heavily_attended_units_shallower() -> None:
+    g = BALANCED.quant_group_tokens
+    masses = [1.0] * 16
+    masses[5] = 50.0  # far above average
+    levels = live_unit_levels(masses, BALANCED, BALANCED.l2_pressure, 16 * g)
+    assert levels[5] < levels[6]
 
 
 def test_invalid_profiles_rejected() -> None:
