@@ -47,6 +47,7 @@ POLICY_FIELDS = tuple(f for f in RuntimePolicy.model_fields if f != "version")
 RUN_CONTEXT_FIELDS = tuple(f for f in RunContext.model_fields if f != "version")
 WINDOW_S = 5.0
 TELEMETRY_PERIOD_S = 1.0
+PUSH_PERIOD_S = 1.0  # ingress metrics to the scheduler, only with several ingress replicas
 
 
 class ConsoleFileNotFound(ServeError):
@@ -68,12 +69,15 @@ class ControlAPI:
         frontend: FrontendMetrics,
     ):
         self.model_name = model_name
+        self.replica_id = replica_id
         self.max_model_len = config.model.max_model_len
         self.admin_token = config.server.admin_token or admin_token()
         self.scheduler, self.kv_store, self.frontend = scheduler, kv_store, frontend
         self.window = MetricsWindow(WINDOW_S)
         self._lock = asyncio.Lock()
         self._telemetry_task: asyncio.Task | None = None
+        if config.ingress.num_replicas > 1:  # the others' /metrics must show ours too
+            self._push_task = asyncio.get_running_loop().create_task(self._push_loop())
         if config.server.telemetry_dir:
             self.telemetry = TelemetryWriter(config.server.telemetry_dir, model_name, replica_id)
             # the ingress constructor runs on the replica's event loop
@@ -125,8 +129,8 @@ class ControlAPI:
 
     # --- reads ------------------------------------------------------------------------------
     async def exposition(self) -> str:
-        """The same merged page as the ingress's /metrics."""
-        texts = await self.scheduler.metrics_texts.remote()
+        """The merged page of every replica and actor: the ingress's /metrics."""
+        texts = await self.scheduler.metrics_texts.remote(self.replica_id)
         texts.append(await self.kv_store.metrics_text.remote())
         texts.append(self.frontend.exposition())
         return merge_expositions(texts)
@@ -162,6 +166,17 @@ class ControlAPI:
             "in_flight": snap["in_flight"],
         }
         return (200 if ready else 503), body
+
+    async def push_metrics(self) -> None:
+        await self.scheduler.push_metrics_text.remote(self.replica_id, self.frontend.exposition())
+
+    async def _push_loop(self) -> None:
+        while True:
+            try:
+                await self.push_metrics()
+            except Exception:  # a restarting scheduler must not end the loop
+                logger.warning("metrics push to the scheduler failed", exc_info=True)
+            await asyncio.sleep(PUSH_PERIOD_S)
 
     async def _telemetry_loop(self) -> None:
         while True:

@@ -41,7 +41,7 @@ from serving.config import InferosConfig
 from serving.engine.sampling_params import SamplingParams
 from serving.logging_setup import configure_logging
 from serving.messages import DecodeRequest, PrefillRequest, RoutePlan, TokenDelta
-from serving.metrics import FrontendMetrics, merge_expositions
+from serving.metrics import FrontendMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
 
 logger = logging.getLogger(__name__)
@@ -134,10 +134,9 @@ class Ingress:
 
     @app.get("/metrics")
     async def prometheus(self) -> PlainTextResponse:
-        texts = await self.scheduler.metrics_texts.remote()
-        texts.append(await self.kv_store.metrics_text.remote())
-        texts.append(self.metrics.exposition())
-        return PlainTextResponse(merge_expositions(texts), media_type="text/plain; version=0.0.4")
+        # every replica's and actor's metrics, other ingress replicas' included
+        text = await app.state.control.exposition()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     # --- generation ----------------------------------------------------------------------
     @app.post("/v1/completions")

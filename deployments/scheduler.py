@@ -30,6 +30,7 @@ class SchedulerActor:
         cfg = InferosConfig.model_validate(config)
         self.replicas: dict[Role, dict[str, ReplicaState]] = {Role.PREFILL: {}, Role.DECODE: {}}
         self.metrics_texts_by_replica: dict[str, str] = {}
+        self.ingress_texts: dict[str, tuple[float, str]] = {}  # replica → (time, text)
         self.assignments: dict[str, tuple[str | None, str]] = {}  # req_id → (prefill, decode)
         self.metrics = SchedulerMetrics(cfg.model.served_model_name or "default")
         self.policy = RuntimePolicy(
@@ -168,9 +169,22 @@ class SchedulerActor:
             "control": self.control.snapshot(),
         }
 
-    async def metrics_texts(self) -> list[str]:
+    async def push_metrics_text(self, replica_id: str, text: str) -> None:
+        """An ingress replica's own metrics (engine replicas send theirs with `report`), so
+        /metrics on any one ingress replica shows all of them when there are several."""
+        self.ingress_texts[replica_id] = (time.time(), text)
+
+    async def metrics_texts(self, exclude: str | None = None) -> list[str]:
+        """Every replica's last metrics text; `exclude`: the asking ingress replica, which
+        adds its own fresh text instead of its pushed copy."""
         live = {rid for pool in self.replicas.values() for rid in pool}
         texts = [t for rid, t in self.metrics_texts_by_replica.items() if rid in live]
+        now = time.time()
+        texts += [
+            t
+            for rid, (at, t) in self.ingress_texts.items()
+            if rid != exclude and now - at < STALE_AFTER_S
+        ]
         return [*texts, self.metrics.exposition()]
 
 

@@ -183,3 +183,31 @@ def test_cli_admin_token_and_telemetry_flags(tmp_path, monkeypatch: pytest.Monke
     assert cfg.server.telemetry_dir == str(tmp_path / "logs")
     cfg = build_config(make_parser().parse_args(["serve", "--admin-token", "flag"]))
     assert cfg.server.admin_token == "flag" and cfg.server.telemetry_dir is None
+
+
+def test_each_ingress_replica_shows_the_others_metrics() -> None:
+    """With several ingress replicas, a scrape reaches one of them; its page must still carry
+    every ingress replica's request metrics, and its own only once."""
+    import asyncio
+
+    config = InferosConfig.model_validate({"ingress": {"num_replicas": 2}})
+    scheduler, store = Local(SchedulerActor(config.model_dump())), Local(Store())
+    fronts = [FrontendMetrics("m", rid) for rid in ("a", "b")]
+
+    async def run() -> str:
+        apis = [ControlAPI(config, "m", f.labels["replica"], scheduler, store, f) for f in fronts]
+        fronts[0].generation_tokens.inc(5)
+        fronts[1].generation_tokens.inc(7)
+        await apis[0].push_metrics()
+        await apis[1].push_metrics()
+        fronts[1].generation_tokens.inc(1)  # after b's push: b's own page is fresher
+        page = await apis[1].exposition()
+        for api in apis:
+            api._push_task.cancel()
+        return page
+
+    from tests.integration.metrics_util import samples
+
+    page = asyncio.run(run())
+    found = {lb["replica"]: v for lb, v in samples(page, "inferos:generation_tokens_total")}
+    assert found == {"a": 5.0, "b": 8.0}
