@@ -10,6 +10,7 @@ from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
 from deployments.decode import DecodeDeployment
+from deployments.draft import DraftDeployment
 from deployments.ingress import IngressDeployment
 from deployments.prefill import PrefillDeployment
 from serving.backends.placement import placement_options
@@ -45,6 +46,11 @@ def build_app(config: InferosConfig) -> Application:
         max_ongoing_requests=1024,
         **common,
     ).bind(cfg)
+    draft = None
+    if config.speculation.placement == "deployment":
+        draft = DraftDeployment.options(
+            ray_actor_options=actor_options(config.decode, 1), **common
+        ).bind(cfg)
     decode = DecodeDeployment.options(
         num_replicas=config.decode.num_replicas,
         ray_actor_options=actor_options(
@@ -53,7 +59,7 @@ def build_app(config: InferosConfig) -> Application:
         request_router_config=PINNED_ROUTER,
         max_ongoing_requests=4096,
         **common,
-    ).bind(cfg)
+    ).bind(cfg, draft)
     return IngressDeployment.options(
         num_replicas=config.ingress.num_replicas,
         ray_actor_options=actor_options(config.ingress, config.threads_for("ingress", cpus)),

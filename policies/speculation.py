@@ -110,3 +110,77 @@ class SpecController:
         self.tokens_per_pass = None
         self._low_steps = 0
         self._off_steps = 0
+
+
+class SpecGate:
+    """Batch-level switch: speculate on a step only where it measurably pays.
+
+    Per-sequence acceptance (`SpecController`) says how many tokens a verify pass would
+    emit, not what the pass costs: a wider target pass can leave a fast small-batch kernel
+    (e.g. the int4 path for steps of <= 8 tokens), and drafting costs time too. So the gate
+    measures output tokens per second of the two kinds of decode step, separately per batch
+    size (the cost of both depends on it): plain steps emit one token per sequence,
+    speculative steps what verification accepted plus one. Each number is an EWMA
+    (weight `alpha` on the newest step).
+
+    * Until a batch size has `min_samples` measurements of each kind, the gate alternates
+      to collect them (speculative first).
+    * Then it picks the faster kind, and every `probe_every` steps of one kind it runs
+      `probe_len` steps of the other, so a change (the text became predictable, the batch
+      composition moved) is noticed: that is "back on when it would pay".
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.2,
+        min_samples: int = 3,
+        probe_every: int = 48,
+        probe_len: int = 3,
+        max_batch_key: int = 16,
+    ) -> None:
+        if not 0.0 < alpha <= 1.0 or min_samples < 1 or probe_every < 1 or probe_len < 1:
+            raise ValueError("bad SpecGate settings")
+        self.alpha = alpha
+        self.min_samples = min_samples
+        self.probe_every = probe_every
+        self.probe_len = probe_len
+        self.max_batch_key = max_batch_key
+        # per batch key: [tokens/s EWMA, samples] for plain (index 0) and speculative (1)
+        self._rates: dict[int, list[list[float]]] = {}
+        self._streak: dict[int, int] = {}  # steps in a row of the preferred kind
+        self._probing: dict[int, int] = {}  # probe steps left
+
+    def _key(self, num_seqs: int) -> int:
+        return min(num_seqs, self.max_batch_key)
+
+    def _entry(self, key: int) -> list[list[float]]:
+        return self._rates.setdefault(key, [[0.0, 0], [0.0, 0]])
+
+    def rate(self, num_seqs: int, speculative: bool) -> float | None:
+        """Measured output tokens/s of that kind of step at this batch size, if any."""
+        value, n = self._entry(self._key(num_seqs))[int(speculative)]
+        return value if n else None
+
+    def should_speculate(self, num_seqs: int) -> bool:
+        key = self._key(num_seqs)
+        (plain, n_plain), (spec, n_spec) = self._entry(key)
+        if n_spec < self.min_samples or n_plain < self.min_samples:
+            return n_spec <= n_plain
+        best = spec > plain
+        if self._probing.get(key, 0) > 0:
+            self._probing[key] -= 1
+            return not best
+        self._streak[key] = self._streak.get(key, 0) + 1
+        if self._streak[key] >= self.probe_every:
+            self._streak[key] = 0
+            self._probing[key] = self.probe_len
+        return best
+
+    def observe(self, num_seqs: int, speculative: bool, num_tokens: int, duration_s: float) -> None:
+        """One decode step happened: `num_tokens` output tokens in `duration_s`."""
+        if duration_s <= 0.0:
+            return
+        slot = self._entry(self._key(num_seqs))[int(speculative)]
+        rate = num_tokens / duration_s
+        slot[0] = rate if slot[1] == 0 else slot[0] + self.alpha * (rate - slot[0])
+        slot[1] += 1

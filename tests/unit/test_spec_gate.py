@@ -1,0 +1,61 @@
+"""SpecGate: speculation runs where it measurably emits more tokens per second than plain
+decoding at that batch size, switches off where it loses, and probes back."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies.speculation import SpecGate
+
+
+def _drive(gate: SpecGate, num_seqs: int, spec_rate: float, plain_rate: float, steps: int):
+    """Feed `steps` decode steps whose tokens/s depend on the kind the gate picked."""
+    picks = []
+    for _ in range(steps):
+        spec = gate.should_speculate(num_seqs)
+        picks.append(spec)
+        rate = spec_rate if spec else plain_rate
+        gate.observe(num_seqs, spec, int(rate), 1.0)
+    return picks
+
+
+def test_measures_both_kinds_first() -> None:
+    gate = SpecGate(min_samples=3)
+    picks = _drive(gate, 1, spec_rate=10, plain_rate=10, steps=6)
+    assert sorted(picks) == [False] * 3 + [True] * 3
+    assert picks[0] is True  # speculative first
+
+
+def test_keeps_the_faster_kind_and_probes_the_other() -> None:
+    gate = SpecGate(min_samples=2, probe_every=20, probe_len=2)
+    picks = _drive(gate, 1, spec_rate=30, plain_rate=20, steps=104)
+    steady = picks[4:]  # after 2 + 2 measuring steps
+    assert steady.count(True) > 0.85 * len(steady)
+    assert steady.count(False) >= 2 * (len(steady) // 22)  # the probes did happen
+
+
+def test_switches_off_where_it_loses_per_batch_size() -> None:
+    gate = SpecGate(min_samples=2, probe_every=50, probe_len=2)
+    on_small = _drive(gate, 1, spec_rate=30, plain_rate=20, steps=40)
+    off_large = _drive(gate, 8, spec_rate=60, plain_rate=100, steps=40)
+    assert on_small[-20:].count(True) >= 19
+    assert off_large[-20:].count(False) >= 19
+    assert gate.rate(8, speculative=True) == pytest.approx(60)
+    assert gate.rate(8, speculative=False) == pytest.approx(100)
+    assert gate.rate(3, speculative=True) is None
+
+
+def test_comes_back_on_when_speculation_starts_to_pay() -> None:
+    gate = SpecGate(alpha=0.5, min_samples=2, probe_every=10, probe_len=3)
+    picks = _drive(gate, 1, spec_rate=10, plain_rate=20, steps=30)
+    assert picks[-10:].count(False) >= 7
+    # the text became predictable: speculative steps now emit 4x the tokens
+    picks = _drive(gate, 1, spec_rate=80, plain_rate=20, steps=30)
+    assert picks[-20:].count(True) >= 14  # on, apart from its own probes of plain steps
+
+
+def test_bad_settings_raise() -> None:
+    with pytest.raises(ValueError):
+        SpecGate(alpha=0.0)
+    with pytest.raises(ValueError):
+        SpecGate(probe_len=0)
