@@ -76,6 +76,7 @@ class ControlAPI:
         self.window = MetricsWindow(WINDOW_S)
         self._lock = asyncio.Lock()
         self._telemetry_task: asyncio.Task | None = None
+        self._push_task: asyncio.Task | None = None
         if config.ingress.num_replicas > 1:  # the others' /metrics must show ours too
             self._push_task = asyncio.get_running_loop().create_task(self._push_loop())
         if config.server.telemetry_dir:
