@@ -5,8 +5,9 @@ Three loops run at their own periods (`ControlSettings`: fast 10 ms, mid 100 ms,
 - fast: anomalies → fall back to `baseline` behaviour (no lossy KV, no speculation) at
   once; memory pressure → a lossy KV profile, but only as far as the operator's quality
   budget (`POST /v1/run-context`) allows — without a budget, nothing lossy is switched on;
-- mid: the recent-window of full-precision tokens shrinks under pressure and returns to
-  the profile's when pressure is gone;
+- mid: the recent window of full-precision tokens shrinks to none (only the unit decode
+  is filling) under pressure and returns to the profile's when pressure is gone; the
+  decode batch limit follows the expected batch size of the run context;
 - slow: a profile the fast loop switched on is switched off again after a calm period,
   and a fallback is lifted after `fallback_hold_s` without anomalies.
 
@@ -96,9 +97,10 @@ def pressure_profile(obs: Observation, high: float) -> str | None:
 
 
 def window_for(pressure: float, shrunk: bool, high: float, low: float) -> tuple[bool, int | None]:
-    """(shrunk?, kv_window change) — None as the change means 'back to the profile's'."""
+    """(shrunk?, kv_window change) — None as the change means 'back to the profile's'.
+    Shrunk = 0: only the unit decode is filling stays at full precision."""
     if pressure >= high and not shrunk:
-        return True, 64
+        return True, 0
     if pressure <= low and shrunk:
         return False, None
     return shrunk, -1  # -1: no change

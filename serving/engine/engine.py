@@ -42,7 +42,7 @@ class EngineConfig:
     max_model_len: int = 2048
     kv_dtype: str = "float32"
     kv_profile: str = "baseline"  # staged-KV profile (policies.kv_levels.PROFILES)
-    kv_unit_tokens: int = 64  # tokens quantized together (a run of whole blocks)
+    kv_unit_tokens: int = 128  # tokens quantized together (a run of whole blocks)
     kv_spill_dir: str | None = None  # where originals of demoted units go; None = a tempdir
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from policies.kv_levels import PROFILES, BlockStats, Level, Profile, assign_levels
+from policies.kv_levels import PROFILES, Level, Profile, live_unit_levels
 from serving.engine.block_pool import BlockPool
 from serving.engine.sequence import Sequence
 from serving.kv.block_format import KVLayout, KVPayload
@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 ExportFn = Callable[[list[int], int], KVPayload]
 HOLE = -1  # block-table entry of a block whose data lives in a quantized unit
 _BITS = {Level.L1: 8, Level.L2: 4}
-DEFAULT_UNIT_TOKENS = 64
+DEFAULT_UNIT_TOKENS = 128  # what the profiles were tuned with (policies/kv_levels.py)
 
 
 @dataclass(slots=True)
@@ -253,19 +253,14 @@ class StagedKVManager:
         return moves
 
     def _rebalance_seq(self, seq: Sequence, profile: Profile, pressure: float) -> int:
+        """Levels from `policies.kv_levels.live_unit_levels` — the rule `inferos eval ppl`
+        measures — applied to this sequence's complete units."""
         ub = self.ub
-        unit_tokens = ub * self.block_size
-        # only units whose every token is computed may leave L0
-        num_tokens = seq.num_computed_tokens
-        num_units = num_tokens // unit_tokens
-        if num_units == 0:
-            return 0
         st = self.state(seq)
-        stats = []
-        for u in range(num_units):
-            mass = sum(st.mass[u * ub : (u + 1) * ub]) if st.mass else 0.0
-            stats.append(BlockStats(index=u, attention_mass=mass))
-        levels = assign_levels(stats, profile, pressure, unit_tokens, num_tokens)
+        masses = [sum(st.mass[u * ub : (u + 1) * ub]) for u in range(len(st.mass) // ub + 1)]
+        # only units whose every token is computed may leave L0
+        g = dataclasses.replace(profile, quant_group_tokens=ub * self.block_size)
+        levels = live_unit_levels(masses, g, pressure, seq.num_computed_tokens)
         moves = 0
         for u, level in enumerate(levels):
             level = min(level, Level.L2)  # a live sequence reads every unit every step

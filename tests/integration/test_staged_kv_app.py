@@ -26,7 +26,6 @@ STAGED = {
     "kv_cache": {
         "profile": "safe",
         "num_blocks": 180,
-        "quant_unit_tokens": 64,
         "store_budget_bytes": 2 * 45 * BLOCK_BYTES_FP32,
     }
 }

@@ -44,7 +44,7 @@ def test_pressure_switches_on_the_most_saving_profile_the_budget_allows() -> Non
 
 
 def test_window_shrinks_under_pressure_and_comes_back() -> None:
-    assert window_for(0.95, False, high=0.9, low=0.5) == (True, 64)
+    assert window_for(0.95, False, high=0.9, low=0.5) == (True, 0)
     assert window_for(0.95, True, 0.9, 0.5) == (True, -1)  # already shrunk: no change
     assert window_for(0.7, True, 0.9, 0.5) == (True, -1)  # between: hold
     assert window_for(0.3, True, 0.9, 0.5) == (False, None)  # back to the profile's
