@@ -6,7 +6,9 @@ per block:
 1. A profile that allows only L0 (`baseline`) keeps every block at L0.
 2. Pinned blocks stay L0 under any pressure: those holding any of the first
    `num_sink_tokens` tokens (attention sinks), any of the last `recent_window_tokens`
-   tokens, and a partial tail block (decode still appends to it).
+   tokens, and a partial tail block (decode still appends to it). A profile with
+   `sink_level = L1` instead lets the sink blocks go to INT8 (never deeper) as soon as
+   pressure allows any demotion.
 3. Every other block gets a *relative importance*: its importance divided by the mean over
    these eligible blocks (1.0 = average; all 1.0 when the mean is 0, e.g. before decode).
    Importance = attention_mass + access_weight * access_count
@@ -41,9 +43,6 @@ class Level(IntEnum):
     L3 = 3  # spilled
 
 
-LEVEL_BITS = {Level.L1: 8, Level.L2: 4}  # bits of a quantized level (keys and values)
-
-
 @dataclass(frozen=True, slots=True)
 class BlockStats:
     index: int  # position of the block in the sequence (block i holds tokens i*bs .. i*bs+bs-1)
@@ -71,8 +70,13 @@ class Profile:
     age_weight: float = 0.0
     # Tokens per quantization unit (a multiple of the 16-token block): the engine quantizes
     # runs of blocks this long as one unit and key scales span all its tokens, so it sets
-    # the scale overhead (4 / G bytes per key element); bits per level are `LEVEL_BITS`.
+    # the scale overhead (4 / G bytes per key element); bits per level: `level_bits`.
     quant_group_tokens: int = 128
+    # Deepest level of the blocks holding the sink tokens: L0 pins them (StreamingLLM's
+    # rule); L1 lets them go to INT8 under pressure, which costs little (INT8 is nearly
+    # lossless) and spares the whole first unit at L0.
+    sink_level: Level = Level.L0
+    l2_value_bits: int = 4  # bits of the values at L2 (keys are always 4): 2 as in KIVI-2
 
     def __post_init__(self) -> None:
         if Level.L0 not in self.allowed_levels:
@@ -85,6 +89,18 @@ class Profile:
             raise ValueError(f"profile {self.name!r}: windows must be >= 0")
         if self.quant_group_tokens <= 0 or self.quant_group_tokens % 16:
             raise ValueError(f"profile {self.name!r}: quant_group_tokens must be a multiple of 16")
+        if self.sink_level not in (Level.L0, Level.L1):
+            raise ValueError(f"profile {self.name!r}: sink_level must be L0 or L1")
+        if self.l2_value_bits not in (4, 2):
+            raise ValueError(f"profile {self.name!r}: l2_value_bits must be 4 or 2")
+
+    def level_bits(self, level: Level) -> tuple[int, int]:
+        """(key bits, value bits) of a quantized level under this profile."""
+        if level == Level.L1:
+            return 8, 8
+        if level == Level.L2:
+            return 4, self.l2_value_bits
+        raise ValueError(f"{level.name} is not a quantized level")
 
     @property
     def deepest_level(self) -> Level:
@@ -93,14 +109,17 @@ class Profile:
 
 # Tuned with `inferos eval ppl` on wikitext-2 at context 2048 with SmolLM2-135M (table and
 # what was tried: README "Evaluate KV quality"). All share 128-token units: key scales then
-# cost 4/128 byte per element, and the engine keeps one unit size. At full pressure with no
-# attention statistics: safe holds every full unit at INT8 (sinks too: INT8 costs them
-# nothing measurable, and a pinned first unit would hold 128 tokens at L0); balanced keeps
-# the first unit (attention sinks) at L0 and the rest at INT4: sinks quantized to INT4
-# cost ~3x more PPL than any other unit; aggressive quantizes the sinks too. The recent
-# window is the unit decode is filling (0-127 tokens at L0); a longer pinned window bought
-# less quality per byte than the sinks did. A unit that received more than
-# `l2_importance` times the average attention stays at INT8.
+# cost 4/128 byte per element, and the engine keeps one unit size. The recent window is the
+# unit decode is filling (0-127 tokens at L0): a pinned 128-token window bought less
+# quality per byte than the sinks. At full pressure, with no attention statistics:
+# - safe: every full unit INT8, the sinks too (INT8 costs them nothing measurable, and
+#   pinning them would keep the whole first unit at L0, below 1.9x);
+# - balanced: first unit (attention sinks) L0, the rest INT4: INT4 sinks alone cost more
+#   than twice the PPL of all other INT4 units together;
+# - aggressive: first unit INT8, the rest INT4 keys with 2-bit values (KIVI-style): 2-bit
+#   values with INT4 sinks cost 3x more than with good sinks.
+# A unit that received more than `l2_importance` times the average attention stays INT8
+# while pressure is below `spill_pressure` (from there a live sequence's units go to L2).
 BASELINE = Profile("baseline", 0, 0, frozenset({Level.L0}))
 SAFE = Profile(
     "safe", recent_window_tokens=0, num_sink_tokens=0,
@@ -112,20 +131,29 @@ BALANCED = Profile(
     l1_importance=_INF, l2_importance=2.0, l1_pressure=0.3, l2_pressure=0.6, spill_pressure=0.9,
 )  # fmt: skip
 AGGRESSIVE = Profile(
-    "aggressive", recent_window_tokens=0, num_sink_tokens=0, allowed_levels=frozenset(Level),
+    "aggressive", recent_window_tokens=0, num_sink_tokens=4, allowed_levels=frozenset(Level),
     l1_importance=_INF, l2_importance=4.0, l1_pressure=0.0, l2_pressure=0.3, spill_pressure=0.8,
+    sink_level=Level.L1, l2_value_bits=2,
 )  # fmt: skip
 PROFILES: dict[str, Profile] = {p.name: p for p in (BASELINE, SAFE, BALANCED, AGGRESSIVE)}
 
 
+def sink_blocks(profile: Profile, block_size: int, num_tokens: int) -> set[int]:
+    """Indices of the blocks holding any of the first `num_sink_tokens` tokens."""
+    if block_size <= 0:
+        raise ValueError("block_size must be > 0")
+    return set(range(0, -(-min(profile.num_sink_tokens, max(0, num_tokens)) // block_size)))
+
+
 def pinned_blocks(profile: Profile, block_size: int, num_tokens: int) -> set[int]:
-    """Indices of the blocks that must stay L0: sinks, recent window, partial tail."""
+    """Indices of the blocks that must stay L0: sinks (unless `sink_level` lets them go to
+    INT8), recent window, partial tail."""
     if block_size <= 0:
         raise ValueError("block_size must be > 0")
     if num_tokens <= 0:
         return set()
     last = (num_tokens - 1) // block_size
-    sinks = range(0, -(-min(profile.num_sink_tokens, num_tokens) // block_size))
+    sinks = sink_blocks(profile, block_size, num_tokens) if profile.sink_level == Level.L0 else ()
     first_recent = max(0, num_tokens - profile.recent_window_tokens) // block_size
     pinned = set(sinks) | set(range(first_recent, last + 1) if profile.recent_window_tokens else ())
     if num_tokens % block_size:
@@ -163,7 +191,10 @@ def assign_levels(
     if profile.allowed_levels == {Level.L0} or not blocks:
         return [Level.L0] * len(blocks)
     pinned = pinned_blocks(profile, block_size, num_tokens)
-    eligible = [b for b in blocks if b.index not in pinned]
+    # sinks allowed below L0: demoted as soon as pressure allows, never below sink_level, and
+    # left out of the mean (their attention mass would make every other block look idle)
+    capped = sink_blocks(profile, block_size, num_tokens) - pinned
+    eligible = [b for b in blocks if b.index not in pinned and b.index not in capped]
     newest = max((b.last_access_step for b in blocks), default=0)
     importance = {b.index: block_importance(b, profile, newest) for b in eligible}
     mean = sum(importance.values()) / len(importance) if importance else 0.0
@@ -171,6 +202,9 @@ def assign_levels(
     for b in blocks:
         if b.index in pinned:
             levels.append(Level.L0)
+            continue
+        if b.index in capped:
+            levels.append(min(_level_for(0.0, profile, pressure), profile.sink_level))
             continue
         relative = importance[b.index] / mean if mean > 0 else 1.0
         levels.append(_level_for(relative, profile, pressure))

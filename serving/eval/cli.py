@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from policies.kv_levels import LEVEL_BITS, PROFILES, Profile
+from policies.kv_levels import PROFILES, Level, Profile
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,11 @@ def recipe_of(profile: Profile) -> dict:
         "recent_window_tokens": profile.recent_window_tokens,
         "num_sink_tokens": profile.num_sink_tokens,
         "levels": sorted(lv.name for lv in profile.allowed_levels),
-        "bits": {lv.name: LEVEL_BITS[lv] for lv in profile.allowed_levels if lv in LEVEL_BITS},
-        "value_group": {f"int{b}": DEFAULT_VALUE_GROUP[b] for b in (8, 4)},
+        "sink_level": profile.sink_level.name,
+        "key_value_bits": {
+            lv.name: profile.level_bits(lv)
+            for lv in sorted(profile.allowed_levels)
+            if lv in (Level.L1, Level.L2)
+        },
+        "value_group": {f"int{b}": DEFAULT_VALUE_GROUP[b] for b in (8, 4, 2)},
     }

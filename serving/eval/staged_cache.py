@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from policies.kv_levels import LEVEL_BITS, Level, Profile, live_unit_levels
+from policies.kv_levels import Level, Profile, live_unit_levels
 from serving.kv.quant import dequantize_block, quantize_block
 
 
@@ -44,7 +44,8 @@ class StagedCache:
         self._originals: dict[int, torch.Tensor] = {}
         self.unit_mass: list[float] = []  # attention mass received per unit (optional)
         self.bytes_per_token_samples: list[float] = []  # filled by the eval loop
-        self.quantizer = quantize_block  # (unit, bits) -> QuantizedBlock; swappable to try recipes
+        # (unit, key_bits, value_bits) -> QuantizedBlock; swappable to try other recipes
+        self.quantizer = lambda unit, kb, vb: quantize_block(unit, kb, value_bits=vb)
 
     def layer(self, i: int) -> torch.Tensor:
         return self.kv[i]
@@ -75,7 +76,8 @@ class StagedCache:
                 self._write_unit(u, original)
                 del self.levels[u], self.unit_bytes[u]
             else:
-                qb = self.quantizer(original, LEVEL_BITS[level])
+                key_bits, value_bits = self.profile.level_bits(level)
+                qb = self.quantizer(original, key_bits, value_bits)
                 self._write_unit(u, dequantize_block(qb))
                 self.levels[u] = level
                 self.unit_bytes[u] = qb.num_bytes

@@ -19,6 +19,7 @@ from policies.kv_levels import (
     assign_levels,
     live_unit_levels,
     pinned_blocks,
+    sink_blocks,
 )
 
 BS = 16
@@ -48,19 +49,47 @@ def test_profiles_registry() -> None:
 
 @pytest.mark.parametrize("profile", list(PROFILES.values()), ids=lambda p: p.name)
 def test_sinks_and_window_stay_l0_under_any_pressure(profile: Profile) -> None:
+    """Window always L0; sinks L0 too, or never below `sink_level` where a profile allows."""
     for num_tokens, blocks in _cases():
         pinned = pinned_blocks(profile, BS, num_tokens)
-        sink_blocks = set(range(-(-min(profile.num_sink_tokens, num_tokens) // BS)))
+        sinks = set(range(-(-min(profile.num_sink_tokens, num_tokens) // BS)))
         window = {
             t // BS for t in range(max(0, num_tokens - profile.recent_window_tokens), num_tokens)
         }
-        assert sink_blocks | window <= pinned
+        assert window <= pinned
+        assert (sinks <= pinned) == (profile.sink_level == Level.L0 or not sinks)
         for pressure in PRESSURES:
             levels = assign_levels(blocks, profile, pressure, BS, num_tokens)
             assert len(levels) == len(blocks)
             for b, level in zip(blocks, levels, strict=True):
                 if b.index in pinned:
                     assert level == Level.L0
+                if b.index in sinks:
+                    assert level <= profile.sink_level
+
+
+def test_sink_level_l1_sinks_go_int8_under_pressure_never_deeper() -> None:
+    p = Profile(
+        "s",
+        0,
+        4,
+        frozenset(Level),
+        l1_importance=9.0,
+        l2_importance=9.0,
+        l1_pressure=0.2,
+        l2_pressure=0.4,
+        spill_pressure=0.9,
+        sink_level=Level.L1,
+    )
+    blocks = [BlockStats(i, 100.0 if i == 0 else 1.0) for i in range(8)]  # sinks: most mass
+    assert assign_levels(blocks, p, 0.1, BS, 8 * BS) == [Level.L0] * 8
+    assert assign_levels(blocks, p, 0.3, BS, 8 * BS) == [Level.L1] * 8
+    at_spill = assign_levels(blocks, p, 1.0, BS, 8 * BS)
+    assert at_spill == [Level.L1] + [Level.L3] * 7  # the sinks' mass didn't shield the rest
+    assert p.level_bits(Level.L1) == (8, 8) and p.level_bits(Level.L2) == (4, 4)
+    assert AGGRESSIVE.level_bits(Level.L2) == (4, 2)
+    with pytest.raises(ValueError):
+        p.level_bits(Level.L0)
 
 
 def test_pinned_block_arithmetic() -> None:
@@ -103,7 +132,7 @@ def test_more_pressure_never_shallower(profile: Profile) -> None:
 @pytest.mark.parametrize("profile", [SAFE, BALANCED, AGGRESSIVE], ids=lambda p: p.name)
 def test_less_important_never_shallower(profile: Profile) -> None:
     for num_tokens, blocks in _cases():
-        pinned = pinned_blocks(profile, BS, num_tokens)
+        pinned = pinned_blocks(profile, BS, num_tokens) | sink_blocks(profile, BS, num_tokens)
         for pressure in PRESSURES:
             levels = assign_levels(blocks, profile, pressure, BS, num_tokens)
             free = sorted(
@@ -167,7 +196,9 @@ def test_live_units_pressure_drives_demotion(profile: Profile) -> None:
     full = live_unit_levels([], profile, 1.0, num_tokens)
     deepest = Level.L1 if profile is SAFE else Level.L2
     assert [u for u, lv in enumerate(full) if lv == Level.L0] == sorted(u for u in pinned if u < 16)
-    assert all(lv == deepest for u, lv in enumerate(full) if u not in pinned)
+    sinks = sink_blocks(profile, g, num_tokens) - pinned  # aggressive: sinks at INT8
+    assert all(lv == deepest for u, lv in enumerate(full) if u not in pinned | sinks)
+    assert all(full[u] == profile.sink_level for u in sinks)
     assert Level.L3 not in full  # live sequences never get spilled units
 
 
@@ -186,3 +217,7 @@ def test_invalid_profiles_rejected() -> None:
         Profile("bad", 0, 0, frozenset(Level), l1_pressure=0.9, l2_pressure=0.5)
     with pytest.raises(ValueError):
         Profile("bad", 0, 0, frozenset(Level), l1_importance=0.1, l2_importance=0.5)
+    with pytest.raises(ValueError):
+        Profile("bad", 0, 4, frozenset(Level), sink_level=Level.L2)
+    with pytest.raises(ValueError):
+        Profile("bad", 0, 0, frozenset(Level), l2_value_bits=3)
