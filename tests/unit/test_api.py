@@ -431,3 +431,20 @@ def test_config_yaml_round_trip(tmp_path) -> None:
     bad.write_text("kv_cache:\n  num_blocks: 64\n  colour: red\n")
     with pytest.raises(ValidationError):
         InferosConfig.from_yaml(bad)
+
+
+def test_kv_profile_per_request_reaches_sampling_params_and_bad_ones_are_refused() -> None:
+    import pydantic
+
+    from serving.api.protocol import ChatCompletionRequest
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    req = ChatCompletionRequest.model_validate(body | {"kv_profile": "safe"})
+    assert req.sampling_params(8).kv_profile == "safe"
+    assert ChatCompletionRequest.model_validate(body).sampling_params(8).kv_profile is None
+    try:
+        ChatCompletionRequest.model_validate(body | {"kv_profile": "turbo"})
+    except pydantic.ValidationError as e:
+        assert e.errors()[0]["loc"] == ("kv_profile",)
+    else:
+        raise AssertionError("an unknown profile was accepted")
