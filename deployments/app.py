@@ -14,6 +14,7 @@ from deployments.draft import DraftDeployment
 from deployments.ingress import IngressDeployment
 from deployments.prefill import PrefillDeployment
 from serving.backends.placement import placement_options
+from serving.backends.vllm_env import vllm_runtime_env
 from serving.config import InferosConfig, RoleSettings
 
 APP_NAME = "inferos"
@@ -25,10 +26,19 @@ def actor_options(
 ) -> dict:
     # devices the running cluster lacks are dropped (CPU fallback, logged): serving.backends
     options, _ = placement_options(name, role, cluster)
+    if role.backend == "vllm":  # vLLM's own venv and settings
+        return options | {"runtime_env": vllm_runtime_env(threads)}
     return options | {
         # OpenMP reads this at start-up, before our torch.set_num_threads runs.
         "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(threads)}},
     }
+
+
+def replicas(role: RoleSettings) -> dict:
+    """Serve's replica settings: a fixed count, or autoscaling passed through as given."""
+    if role.autoscaling_config is not None:
+        return {"num_replicas": "auto", "autoscaling_config": role.autoscaling_config}
+    return {"num_replicas": role.num_replicas}
 
 
 def build_app(config: InferosConfig) -> Application:
@@ -38,7 +48,7 @@ def build_app(config: InferosConfig) -> Application:
     cluster = ray.cluster_resources() if ray.is_initialized() else None
     common = {"graceful_shutdown_timeout_s": 2, "health_check_period_s": 5}
     prefill = PrefillDeployment.options(
-        num_replicas=config.prefill.num_replicas,
+        **replicas(config.prefill),
         ray_actor_options=actor_options(
             config.prefill, config.threads_for("prefill", cpus), "prefill", cluster
         ),
@@ -52,7 +62,7 @@ def build_app(config: InferosConfig) -> Application:
             ray_actor_options=actor_options(config.decode, 1), **common
         ).bind(cfg)
     decode = DecodeDeployment.options(
-        num_replicas=config.decode.num_replicas,
+        **replicas(config.decode),
         ray_actor_options=actor_options(
             config.decode, config.threads_for("decode", cpus), "decode", cluster
         ),
@@ -61,7 +71,7 @@ def build_app(config: InferosConfig) -> Application:
         **common,
     ).bind(cfg, draft)
     return IngressDeployment.options(
-        num_replicas=config.ingress.num_replicas,
+        **replicas(config.ingress),
         ray_actor_options=actor_options(config.ingress, config.threads_for("ingress", cpus)),
         max_ongoing_requests=4096,
         **common,

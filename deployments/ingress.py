@@ -29,6 +29,7 @@ from serving.api.detokenizer import IncrementalDetokenizer
 from serving.api.errors import (
     BadRequest,
     ContextLengthExceeded,
+    RequestTimeout,
     ServeError,
     TooManyRequests,
     Unauthorized,
@@ -262,8 +263,11 @@ class Ingress:
             )
             if plan is None:
                 raise Unavailable("no decode replica is ready yet; retry shortly")
+            deadline = started + (self.config.scheduling.request_timeout_s or float("inf"))
             if plan.prefill_replica is not None:
-                first, kv_key = await self._prefill(p, plan.prefill_replica, plan.prefill_threads)
+                first, kv_key = await self._within(
+                    self._prefill(p, plan.prefill_replica, plan.prefill_threads), deadline
+                )
                 if first.finished:
                     finished = True
                     yield first
@@ -271,17 +275,19 @@ class Ingress:
                 queue = await self._start_decode(p, plan, first.token_ids[0], kv_key)
             else:  # colocated: the decode replica prefills, its first delta is the TTFT
                 queue = await self._start_decode(p, plan, None, None)
-                first = await queue.get()
+                first = await self._within(queue.get(), deadline)
                 if first.error is not None:
                     raise Unavailable(f"decode failed: {first.error}")
             self.metrics.ttft.observe(time.perf_counter() - started)
             finished = first.finished
             yield first
             while not finished:
-                delta = await queue.get()
+                delta = await self._within(queue.get(), deadline)
                 finished = delta.finished
                 failed = failed or delta.error is not None
                 yield delta
+        except RequestTimeout:
+            raise  # load, not a malfunction: not counted against the error rate
         except (Unavailable, RayError):
             failed = True
             raise
@@ -290,6 +296,17 @@ class Ingress:
             self.mux.close(p.req_id)
             if plan is not None:
                 self._clean_up(p.req_id, plan, kv_key, aborted=not finished, failed=failed)
+
+    async def _within(self, awaitable, deadline: float):
+        """`await awaitable`, or a clean 503 `request_timeout` once `deadline` has passed."""
+        remaining = deadline - time.perf_counter()
+        try:
+            return await asyncio.wait_for(awaitable, max(remaining, 0.001))
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request timed out after {self.config.scheduling.request_timeout_s:g} s "
+                "(scheduling.request_timeout_s); it was aborted"
+            ) from None
 
     def _clean_up(
         self, req_id: str, plan: RoutePlan, kv_key: str | None, aborted: bool, failed: bool

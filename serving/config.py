@@ -87,10 +87,21 @@ class SchedulingSettings(_Strict):
     stream_interval: PositiveInt = Field(
         1, description="Engine steps per streamed chunk (like vLLM's --stream-interval)"
     )
+    request_timeout_s: float | None = Field(
+        600.0,
+        gt=0,
+        description="a request still running after this long ends with a 503 "
+        "'request_timeout' error (its sequence is aborted, nothing else is affected)",
+    )
 
 
 class RoleSettings(_Strict):
     num_replicas: PositiveInt = 1
+    autoscaling_config: dict | None = Field(
+        None,
+        description="Ray Serve autoscaling (min_replicas, max_replicas, "
+        "target_ongoing_requests, ...), passed through; replaces num_replicas when set",
+    )
     num_cpus: float = Field(
         0.5, ge=0, description="Ray CPUs reserved per replica (fractional is fine)"
     )
@@ -114,6 +125,21 @@ class RoleSettings(_Strict):
         description="onnxruntime backend: providers in order of preference; absent ones are "
         "skipped with a warning, CPUExecutionProvider is always the last resort",
     )
+
+
+def _check_autoscaling(role: RoleSettings, name: str) -> None:
+    if role.autoscaling_config is None:
+        return
+    from ray.serve.config import AutoscalingConfig
+
+    fields = getattr(AutoscalingConfig, "model_fields", None) or AutoscalingConfig.__fields__
+    unknown = set(role.autoscaling_config) - set(fields)
+    if unknown:
+        raise ValueError(f"{name}.autoscaling_config: unknown fields {sorted(unknown)}")
+    try:
+        AutoscalingConfig(**role.autoscaling_config)
+    except Exception as e:  # pydantic (v1 or v2) inside Ray: say where, keep Ray's words
+        raise ValueError(f"{name}.autoscaling_config: {e}") from None
 
 
 class ControlSettings(_Strict):
@@ -208,6 +234,12 @@ class InferosConfig(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     speculation: SpeculationSettings = Field(default_factory=SpeculationSettings)
+
+    @model_validator(mode="after")
+    def _autoscaling_is_valid(self) -> InferosConfig:
+        for name in ("prefill", "decode", "ingress"):
+            _check_autoscaling(getattr(self, name), name)
+        return self
 
     @model_validator(mode="after")
     def _unit_is_whole_blocks(self) -> InferosConfig:

@@ -61,6 +61,10 @@ class Unavailable(ServeError):
     code = "service_unavailable"
 
 
+class RequestTimeout(Unavailable):
+    code = "request_timeout"
+
+
 def error_body(message: str, error_type: str, param: str | None, code: str | int | None) -> dict:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 

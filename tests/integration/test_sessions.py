@@ -17,7 +17,12 @@ from tests.integration.metrics_util import total
 
 pytestmark = pytest.mark.integration
 
-TWO_DECODE = {"decode": {"num_replicas": 2, "num_cpus": 0.3}, "prefill": {"num_cpus": 0.3}}
+TIMEOUT_S = 20
+TWO_DECODE = {
+    "decode": {"num_replicas": 2, "num_cpus": 0.3},
+    "prefill": {"num_cpus": 0.3},
+    "scheduling": {"request_timeout_s": TIMEOUT_S},
+}
 HISTORY = (
     "You are a careful assistant. Here is a long note about the project. "
     + " ".join(f"Item {i}: the system keeps KV blocks of earlier turns." for i in range(20))
@@ -147,3 +152,43 @@ def test_killing_a_decode_replica_mid_stream_fails_its_streams_cleanly(two_decod
     assert answered == 3
     with httpx.Client(base_url=app.url, timeout=30) as h:
         assert h.get("/health").status_code == 200
+
+
+def test_a_request_past_its_timeout_ends_cleanly_and_others_go_on(two_decode) -> None:
+    app = two_decode
+    outcome: dict[str, object] = {}
+
+    def too_long() -> None:
+        try:
+            app.client(timeout=120).chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Write forever."}],
+                max_tokens=1800,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+                extra_headers={"X-Session-Id": "slow"},
+            )
+            outcome["result"] = "completed"
+        except APIError as e:
+            outcome["result"] = e
+
+    started = time.monotonic()
+    thread = threading.Thread(target=too_long)
+    thread.start()
+    short = _chat(app, [{"role": "user", "content": "Say yes."}], "quick")
+    assert short.choices[0].finish_reason in ("stop", "length")
+    thread.join(120)
+    error = outcome["result"]
+    assert isinstance(error, APIError), error
+    assert error.status_code == 503
+    assert error.body["code"] == "request_timeout"
+    assert TIMEOUT_S <= time.monotonic() - started < TIMEOUT_S + 30
+    # its sequence was aborted: the decode replicas drain
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        snap = ray.get(app.scheduler().snapshot.remote())
+        if sum(s["num_running"] for s in snap["decode"].values()) == 0:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the timed-out request kept running on decode")
