@@ -25,10 +25,13 @@ def markdown(results: list[dict], load: str) -> str:
     lines = [
         f"Text `{Path(r0['text']).name}`, context {r0['context']}, {r0['num_tokens']} scored "
         f"tokens, model {r0['model']}, pressure {r0['pressure']}, importance "
-        f"{r0['importance']}, chunk {r0['chunk']}; load during the run: {load}",
+        f"{r0['importance']}, chunk {r0['chunk']}; load during the run: {load}. KV bytes are "
+        f"those held for a sequence of exactly {r0['context']} tokens; the last column "
+        "averages over every length of the second half (a partly filled unit at L0).",
         "",
-        "| profile | KV bytes/token | reduction vs FP16 | PPL | ΔPPL % | KLD | bar (ΔPPL ≤, ≥ x) |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| profile | KV bytes/token | reduction vs FP16 | PPL | ΔPPL % | KLD | bar (ΔPPL ≤, ≥ x) "
+        f"| reduction, mean over lengths {r0['context'] // 2}-{r0['context']} |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in results:
         bar = BARS.get(r["profile"])
@@ -38,7 +41,8 @@ def markdown(results: list[dict], load: str) -> str:
             verdict = f"{bar[0]} %, {bar[1]}x: {'met' if ok else 'NOT met'}"
         lines.append(
             f"| {r['profile']} | {r['kv_bytes_per_token']:.0f} | {r['reduction_vs_fp16']:.2f}x"
-            f" | {r['ppl']:.4f} | {r['delta_ppl_pct']:+.3f} | {r['kld']:.5f} | {verdict} |"
+            f" | {r['ppl']:.4f} | {r['delta_ppl_pct']:+.3f} | {r['kld']:.5f} | {verdict} "
+            f"| {r['fp16_bytes_per_token'] / r['kv_bytes_per_token_decode_mean']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
 

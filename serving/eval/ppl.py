@@ -69,14 +69,22 @@ def _forward_window(
             context_lens_list=[end],
             all_decode=end - start == 1,
         )
+        _sample_decode_bytes(cache, start, end, n)
         hidden = model(ids[start:end], torch.arange(start, end), cache.kv, meta)
         if probe is not None:
             probe.publish(end)
         out.append(torch.log_softmax(model.compute_logits(hidden), dim=-1))  # [c, vocab]
         cache.restage(end, settings.pressure)
-        if 2 * end >= n:  # decode-like state of a long sequence: a partial unit at L0
-            cache.bytes_per_token_samples.append(cache.num_bytes(end) / end)
     return torch.cat(out)[:-1]  # the window's last token has nothing to predict
+
+
+def _sample_decode_bytes(cache: StagedCache, start: int, end: int, n: int) -> None:
+    """Bytes/token a decode would hold at each length p in [start, end) of the window's
+    second half: the units staged at `start`, plus p - start new tokens at L0 (no unit
+    completes inside a chunk, so decode would not demote anything there either)."""
+    held = cache.num_bytes(start)
+    for p in range(max(start, 1, -(-n // 2)), end):
+        cache.bytes_per_token_samples.append((held + (p - start) * cache.token_bytes) / p)
 
 
 def auto_chunk(profiles: list[Profile], cap: int = 128) -> int:
@@ -171,8 +179,8 @@ def _result(name: str, t: ProfileTally, base: ProfileTally, settings: EvalSettin
         "num_tokens": t.num_tokens,
         "baseline_ppl": base_ppl,
         "delta_ppl_pct": 100.0 * (ppl / base_ppl - 1.0),
-        # mean over every chunk end in the windows' second halves: includes the partly
-        # filled unit decode is writing, which the end-of-window number may not
+        # mean over every sequence length in the windows' second halves: includes the
+        # partly filled unit decode is writing, which the end-of-window number may not
         "kv_bytes_per_token_decode_mean": sum(t.decode_samples) / len(t.decode_samples),
         "fp16_bytes_per_token": fp16_bytes,
         "reduction_vs_fp16": fp16_bytes / bytes_per_token,
