@@ -62,4 +62,15 @@ bench: install
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
+# vLLM prefill backend (serving/backends/vllm): .venv-vllm (vllm-setup) plus ray[serve] at
+# our version there, so a prefill replica can run under that interpreter; then its tests.
+# Not part of `make test` (vLLM's venv is 3.5 GB and its start ~90 s): CI runs it on its own.
+vllm-prefill-setup: | .venv-vllm/bin/vllm
+	.venv-vllm/bin/python -m pip install --quiet "ray[serve]==2.60.0"
+
+test-vllm: model vllm-prefill-setup
+	$(PY) -m pytest tests/integration/test_vllm_prefill.py -q $(PYTEST_ARGS)
+
+.PHONY: vllm-prefill-setup test-vllm
+
 include mk/vllm.mk

