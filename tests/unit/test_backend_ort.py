@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
+from serving.backends.ort.engine import OrtLLMEngine  # noqa: E402
 from serving.backends.ort.export import export_decode_step  # noqa: E402
 from serving.backends.ort.runner import OrtModelRunner, make_session  # noqa: E402
 from serving.engine.engine import EngineConfig, LLMEngine, StepOutput  # noqa: E402
@@ -61,7 +62,7 @@ def graph(model, tmp_path_factory) -> Path:
 def _ort_engine(graph: Path) -> LLMEngine:
     session, _ = make_session(graph, ["CPUExecutionProvider"], 1)
     runner = OrtModelRunner(session, ARCH, CONFIG.num_blocks, CONFIG.block_size)
-    return LLMEngine(None, CONFIG, ARCH.eos_token_ids, runner=runner)
+    return OrtLLMEngine(None, CONFIG, ARCH.eos_token_ids, runner=runner)
 
 
 def _greedy(n: int) -> SamplingParams:
@@ -179,3 +180,17 @@ def test_import_converts_bfloat16_and_dequantizes_quantized_blocks(model, graph)
     other = KVLayout(ARCH.num_layers, ARCH.num_kv_heads, ARCH.head_dim, 8, "float32")
     with pytest.raises(ValueError, match="does not match"):
         runner.import_blocks([1], KVPayload(other, 8, [torch.zeros(other.block_shape())]))
+
+
+def test_kv_profile_changes_are_declined_not_fatal(model, graph, caplog) -> None:
+    """Staged KV is the torch runner's: the ORT engine keeps baseline, warns, and decodes."""
+    import dataclasses
+
+    expected = LLMEngine(model, CONFIG, ARCH.eos_token_ids)
+    expected.add_request(Sequence("r", list(PROMPTS[1]), _greedy(40)))
+    engine = _ort_engine(graph)
+    engine.set_kv_policy("aggressive", 16)
+    params = dataclasses.replace(_greedy(40), kv_profile="aggressive")
+    engine.add_request(Sequence("r", list(PROMPTS[1]), params))
+    assert _drain(engine) == _drain(expected)
+    assert "ignored" in caplog.text
