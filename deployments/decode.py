@@ -37,7 +37,9 @@ class DecodeServer(EngineReplica):
     def _build_engine(self, path) -> LLMEngine:
         """Runs on the engine thread: the target engine, then its speculative step."""
         engine = super()._build_engine(path)
-        self.spec = attach_speculation(engine, self.config, path, self._draft)
+        # the draft reads the torch runner's model and KV pool: no speculation elsewhere
+        if self.backend_info.name == "torch":
+            self.spec = attach_speculation(engine, self.config, path, self._draft)
         return engine
 
     def _apply_policy(self, policy: RuntimePolicy) -> None:
