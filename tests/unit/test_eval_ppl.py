@@ -96,7 +96,7 @@ def test_streaming_baseline_matches_one_shot_forward(model, token_ids) -> None:
         nll -= float(logp[:-1].gather(1, ids[1:, None]).sum())
         count += 127
     assert res["num_tokens"] == count and res["kld"] == 0.0
-    assert res["ppl"] == pytest.approx(float(torch.tensor(nll / count).exp()), rel=2e-2)
+    assert res["ppl"] == pytest.approx(float(torch.tensor(nll / count).exp()), rel=5e-3)
 
 
 def test_quantized_profiles_trade_bytes_for_quality(model, token_ids) -> None:
