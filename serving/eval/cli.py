@@ -95,7 +95,11 @@ def run(args: argparse.Namespace) -> int:
         logger.info("window %d/%d (%.0f s)", done, total, time.monotonic() - started)
 
     started = time.monotonic()
-    results = evaluate(model, token_ids, profiles, settings, progress)
+    try:
+        results = evaluate(model, token_ids, profiles, settings, progress)
+    except ValueError as e:  # too little text, bad chunk/context
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     ordered = [results[p.name] for p in profiles]
     for r in ordered:
         r["model"] = folder.name

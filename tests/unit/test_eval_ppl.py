@@ -126,6 +126,8 @@ def test_cli_json(tmp_path: Path, capsys) -> None:
     assert printed["profile"] == "safe" and printed["context"] == 64
     assert printed["num_tokens"] == 63 + 63 + 1
     assert main(["eval", "ppl", "--text", str(TEXT), "--profile", "nope"]) == 2
+    assert main(["eval", "ppl", "--text", str(TEXT), "--context", "1", "--max-tokens", "8"]) == 2
+    assert main(["eval", "ppl", "--text", str(tmp_path / "missing.txt")]) == 2
 
 
 def test_attention_mass_probe_counts_every_query_once(model, token_ids) -> None:
