@@ -81,22 +81,24 @@ def speed(model, prompts, profile: str, unit_tokens: int, steps: int) -> dict:
     per_seq = -(-(len(prompts[0]) + steps + 64) // 16)
     engine = _engine(model, profile, per_seq * len(prompts) + 64, unit_tokens)
     _add(engine, prompts, max_tokens=steps + 32)
-    while any(s.num_computed_tokens < len(s.prompt_token_ids) for s in engine.scheduler.waiting):
-        engine.step()
-        if not engine.scheduler.waiting and all(
-            s.num_uncomputed_tokens <= 1 for s in engine.scheduler.running
-        ):
-            break
+    while engine.scheduler.waiting or any(
+        s.num_uncomputed_tokens > 1 for s in engine.scheduler.running
+    ):
+        engine.step()  # every prompt prefilled before timing starts
     engine.staged.rebalance(engine.scheduler.running, pressure=1.0)
+    engine.rebalance_every = 10**9  # hold those levels while timing
     for _ in range(4):  # warm up
         engine.step()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     tokens = 0
     for _ in range(steps):
         tokens += sum(len(o.new_token_ids) for o in engine.step())
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     return {
         "decode_tokens_per_s": tokens / elapsed,
+        # CPU seconds per token: steadier than wall time on a shared machine
+        "cpu_ms_per_token": 1000 * cpu / max(1, tokens),
         "batch": len(prompts),
         "blocks_per_level": engine.staged.blocks_per_level(),
     }

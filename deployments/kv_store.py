@@ -38,8 +38,6 @@ from serving.metrics import StoreMetrics
 
 logger = logging.getLogger(__name__)
 
-_BITS = {Level.L1: 8, Level.L2: 4}
-
 
 @dataclass(slots=True)
 class Element:
@@ -289,7 +287,8 @@ class KVStoreActor:
                 blocks = [await x.ref for x in run]
                 unit = torch.cat(blocks, dim=2)  # [L, 2, ub * bs, H, D]
                 originals[str(first)] = unit
-                qb = quantize_block(unit, _BITS[target])
+                key_bits, value_bits = profile.level_bits(target)
+                qb = quantize_block(unit, key_bits, value_bits=value_bits)
                 out.append(Element(ray.put(qb), target, ub, qb.num_bytes, _meta(qb)))
                 self.counts["demoted_blocks"] += ub
                 self.metrics.demotions.inc(ub)

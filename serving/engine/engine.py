@@ -107,6 +107,7 @@ class LLMEngine:
         # speculative decoding (serving.spec.decode_step.SpecDecodeStep), set by its owner
         self.spec: SpecDecodeStep | None = None
         self.importance_layer = self.runner.layout.num_layers // 2
+        self.rebalance_every = REBALANCE_EVERY  # decode steps between level decisions
 
     # --- requests ------------------------------------------------------------------------
     def add_request(self, seq: Sequence) -> None:
@@ -144,7 +145,7 @@ class LLMEngine:
         if not batch.is_prefill:
             self.num_decode_steps += 1
             if self.staged.active(batch.seqs):
-                if self.num_decode_steps % REBALANCE_EVERY == 0:
+                if self.num_decode_steps % self.rebalance_every == 0:
                     self.staged.rebalance(batch.seqs, self.block_pool.usage)
                 if self.num_decode_steps % IMPORTANCE_EVERY == 0:
                     importance_layer = self.importance_layer

@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 ExportFn = Callable[[list[int], int], KVPayload]
 HOLE = -1  # block-table entry of a block whose data lives in a quantized unit
-_BITS = {Level.L1: 8, Level.L2: 4}
+PoolKey = tuple[Level, int]  # (level, value bits): one pool holds one unit shape
+PROMOTION_MARGIN = 0.25  # pressure headroom a promotion needs (see _rebalance_seq)
 DEFAULT_UNIT_TOKENS = 128  # what the profiles were tuned with (policies/kv_levels.py)
 
 
@@ -47,6 +48,11 @@ class Unit:
     level: Level
     slot: int
     num_bytes: int
+    value_bits: int
+
+    @property
+    def pool(self) -> PoolKey:
+        return (self.level, self.value_bits)
 
 
 @dataclass(slots=True)
@@ -62,10 +68,10 @@ class SeqKVState:
 class StagedPlan:
     """Where quantized units sit in one step's gathered context, per level (engine thread)."""
 
-    pools: dict[Level, QuantPool]
-    rows: dict[Level, torch.Tensor]  # [n] row of the batch (sequence index)
-    token_starts: dict[Level, torch.Tensor]  # [n] first token of the unit in its sequence
-    slots: dict[Level, torch.Tensor]  # [n] slot in that level's pool
+    pools: dict[PoolKey, QuantPool]
+    rows: dict[PoolKey, torch.Tensor]  # [n] row of the batch (sequence index)
+    token_starts: dict[PoolKey, torch.Tensor]  # [n] first token of the unit in its sequence
+    slots: dict[PoolKey, torch.Tensor]  # [n] slot in that pool
     unit_tokens: int
 
     def for_row(self, row: int) -> StagedPlan:
@@ -100,7 +106,7 @@ class StagedKVManager:
         self.kv_cache = kv_cache  # [L, 2, num_blocks, bs, H, D]
         self.block_pool = block_pool
         self.block_size = block_size
-        self.pools = {Level.L1: QuantPool(), Level.L2: QuantPool()}
+        self.pools: dict[PoolKey, QuantPool] = {}
         self.states: dict[str, SeqKVState] = {}
         self.profile = PROFILES[profile]
         self.window_override: int | None = None
@@ -147,7 +153,7 @@ class StagedKVManager:
             self.spill_bytes -= nbytes
 
     def _drop_unit(self, unit: Unit) -> None:
-        self.pools[unit.level].release(unit.slot)
+        self.pools[unit.pool].release(unit.slot)
         self.block_pool.extra_bytes -= unit.num_bytes
 
     def _key(self, seq: Sequence, unit_index: int) -> str:
@@ -159,6 +165,15 @@ class StagedKVManager:
             mass.extend([0.0] * (len(per_block) - len(mass)))
         for i, m in enumerate(per_block):
             mass[i] += m
+
+    def _pool(self, key: PoolKey) -> QuantPool:
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = QuantPool()
+        return pool
+
+    def _level_sum(self, level: Level, measure: Callable[[QuantPool], int]) -> int:
+        return sum(measure(p) for (lv, _), p in list(self.pools.items()) if lv == level)
 
     def active(self, seqs: list[Sequence]) -> bool:
         """Whether any of `seqs` is staged at all (baseline sequences cost nothing)."""
@@ -188,10 +203,11 @@ class StagedKVManager:
             if n != self.ub or index % self.ub:
                 raise ValueError(f"quantized unit of {n} blocks at block {index} doesn't fit")
             level = Level.L1 if element.bits == 8 else Level.L2
-            slot = self.pools[level].put(element)
+            unit = Unit(level, 0, element.num_bytes, element.v_bits)
+            unit.slot = self._pool(unit.pool).put(element)
             self.block_pool.free(seq.block_table[index : index + n])
             seq.block_table[index : index + n] = [HOLE] * n
-            st.units[index // n] = Unit(level, slot, element.num_bytes)
+            st.units[index // n] = unit
             self.block_pool.extra_bytes += element.num_bytes
             self.counters.imported += 1
             index += n
@@ -212,7 +228,7 @@ class StagedKVManager:
         while i < n:
             if seq.block_table[i] == HOLE:
                 unit = st.units[i // self.ub]
-                qb = self.pools[unit.level].get(unit.slot)
+                qb = self.pools[unit.pool].get(unit.slot)
                 elements.append(qb)
                 spans.append(self.ub)
                 sizes.append(qb.num_bytes)
@@ -229,16 +245,16 @@ class StagedKVManager:
         """Safe to read from another thread: plain int reads, no iteration."""
         return {
             "L0": self.block_pool.num_used_blocks * self.block_pool.block_bytes,
-            "L1": self.pools[Level.L1].num_bytes,
-            "L2": self.pools[Level.L2].num_bytes,
+            "L1": self._level_sum(Level.L1, lambda p: p.num_bytes),
+            "L2": self._level_sum(Level.L2, lambda p: p.num_bytes),
             "L3": self.spill_bytes,  # the spill tier holds originals of demoted units
         }
 
     def blocks_per_level(self) -> dict[str, int]:
         return {
             "L0": self.block_pool.num_used_blocks,
-            "L1": self.pools[Level.L1].num_units * self.ub,
-            "L2": self.pools[Level.L2].num_units * self.ub,
+            "L1": self._level_sum(Level.L1, lambda p: p.num_units) * self.ub,
+            "L2": self._level_sum(Level.L2, lambda p: p.num_units) * self.ub,
             "L3": 0,  # a live sequence reads every block every step: none is only on disk
         }
 
@@ -260,11 +276,19 @@ class StagedKVManager:
         masses = [sum(st.mass[u * ub : (u + 1) * ub]) for u in range(len(st.mass) // ub + 1)]
         # only units whose every token is computed may leave L0
         g = dataclasses.replace(profile, quant_group_tokens=ub * self.block_size)
-        levels = live_unit_levels(masses, g, pressure, seq.num_computed_tokens)
+        deeper = live_unit_levels(masses, g, pressure, seq.num_computed_tokens)
+        # Hysteresis: a unit comes back up only if it would stay up with PROMOTION_MARGIN
+        # more pressure; else demoting frees room, room invites promotion, and the two
+        # alternate (each move reading or writing the spill tier).
+        shallower = live_unit_levels(
+            masses, g, min(1.0, pressure + PROMOTION_MARGIN), seq.num_computed_tokens
+        )
         moves = 0
-        for u, level in enumerate(levels):
-            level = min(level, Level.L2)  # a live sequence reads every unit every step
+        for u, (down, up) in enumerate(zip(deeper, shallower, strict=True)):
             current = st.units[u].level if u in st.units else Level.L0
+            level = min(down, Level.L2)  # a live sequence reads every unit every step
+            if level <= current:
+                level = max(min(up, Level.L2), min(level, current))
             if level == current:
                 continue
             if level == Level.L0:
@@ -284,15 +308,17 @@ class StagedKVManager:
             st.originals[u] = nbytes
             self.spill_bytes += nbytes
             self.counters.spills += 1
-        qb = quantize_block(data, _BITS[level])
-        slot = self.pools[level].put(qb)
+        key_bits, value_bits = self.profile_for(seq).level_bits(level)
+        qb = quantize_block(data, key_bits, value_bits=value_bits)
+        unit = Unit(level, 0, qb.num_bytes, value_bits)
+        unit.slot = self._pool(unit.pool).put(qb)
         if u in st.units:
             self._drop_unit(st.units.pop(u))
         else:
             blocks = seq.block_table[u * ub : (u + 1) * ub]
             self.block_pool.free(blocks)
             seq.block_table[u * ub : (u + 1) * ub] = [HOLE] * ub
-        st.units[u] = Unit(level, slot, qb.num_bytes)
+        st.units[u] = unit
         self.block_pool.extra_bytes += qb.num_bytes
         self.counters.demotions += 1
 
@@ -321,7 +347,7 @@ class StagedKVManager:
             return self.spill.get(self._key(seq, u))
         if u in st.units:
             unit = st.units[u]
-            return dequantize_block(self.pools[unit.level].get(unit.slot))
+            return dequantize_block(self.pools[unit.pool].get(unit.slot))
         blocks = seq.block_table[u * ub : (u + 1) * ub]
         data = self.kv_cache[:, :, blocks]  # [L, 2, ub, bs, H, D]
         return data.reshape(data.shape[0], 2, ub * self.block_size, *data.shape[4:])
@@ -349,9 +375,9 @@ class StagedKVManager:
 
     # --- attention --------------------------------------------------------------------
     def plan(self, seqs: list[Sequence]) -> StagedPlan | None:
-        rows: dict[Level, list[int]] = {Level.L1: [], Level.L2: []}
-        starts: dict[Level, list[int]] = {Level.L1: [], Level.L2: []}
-        slots: dict[Level, list[int]] = {Level.L1: [], Level.L2: []}
+        rows: dict[PoolKey, list[int]] = {k: [] for k in self.pools}
+        starts: dict[PoolKey, list[int]] = {k: [] for k in self.pools}
+        slots: dict[PoolKey, list[int]] = {k: [] for k in self.pools}
         unit_tokens = 0
         for i, seq in enumerate(seqs):
             st = self.states.get(seq.req_id)
@@ -359,9 +385,9 @@ class StagedKVManager:
                 continue
             unit_tokens = self.ub * self.block_size
             for u, unit in st.units.items():
-                rows[unit.level].append(i)
-                starts[unit.level].append(u * unit_tokens)
-                slots[unit.level].append(unit.slot)
+                rows[unit.pool].append(i)
+                starts[unit.pool].append(u * unit_tokens)
+                slots[unit.pool].append(unit.slot)
         if not unit_tokens:
             return None
         as_t = lambda d: {lv: torch.tensor(v, dtype=torch.long) for lv, v in d.items() if v}  # noqa: E731

@@ -180,14 +180,22 @@ def quantize_block(
     )
 
 
-def dequantize_block(qb: QuantizedBlock, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rebuild `[L, 2, T, H, D]` in the original dtype (or `dtype`, e.g. float32 to check
-    the pure quantization error without the final rounding to bf16)."""
+def dequantize_parts(
+    qb: QuantizedBlock, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V `[L, T, H, D]` each, separately: what `dequantize_block` stacks (decode
+    attention writes them straight into its gathered context, saving that copy)."""
+    out_dtype = qb.dtype if dtype is None else dtype
     k_codes, v_codes = _unpack(qb.k_codes, qb.bits), _unpack(qb.v_codes, qb.v_bits)
     k = k_codes.to(torch.float32) * qb.k_scale.float() + qb.k_zero.float()  # [L, T, H, D]
     v = v_codes.to(torch.float32) * qb.v_scale.float() + qb.v_zero.float()  # [L, T, H, D]
-    out = torch.stack((k, v), dim=1)  # [L, 2, T, H, D]
-    return out.to(qb.dtype if dtype is None else dtype)
+    return k.to(out_dtype), v.to(out_dtype)
+
+
+def dequantize_block(qb: QuantizedBlock, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rebuild `[L, 2, T, H, D]` in the original dtype (or `dtype`, e.g. float32 to check
+    the pure quantization error without the final rounding to bf16)."""
+    return torch.stack(dequantize_parts(qb, dtype), dim=1)  # [L, 2, T, H, D]
 
 
 def fake_quantize(block: torch.Tensor, bits: int, **recipe) -> torch.Tensor:

@@ -13,7 +13,7 @@ import dataclasses
 
 import torch
 
-from serving.kv.quant import QuantizedBlock, dequantize_block
+from serving.kv.quant import QuantizedBlock, dequantize_parts
 
 _MIN_CAPACITY = 16
 
@@ -86,8 +86,10 @@ class QuantPool:
             self._template, **{n: a[slot].clone() for n, a in self._arrays.items()}
         )
 
-    def dequantize_layer(self, slots: torch.Tensor, layer: int, dtype: torch.dtype) -> torch.Tensor:
-        """`[n, 2, T, H, D]`: one layer of the units in `slots`, dequantized.
+    def dequantize_layer(
+        self, slots: torch.Tensor, layer: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[n, T, H, D]`: one layer of the units in `slots`, dequantized.
 
         Works because every field keeps the layer as its first dim: selecting `[slots,
         layer]` yields a `QuantizedBlock` whose "layers" are the n units."""
@@ -96,4 +98,4 @@ class QuantPool:
         qb = dataclasses.replace(
             self._template, **fields, shape=(len(slots), *self._template.shape[1:])
         )
-        return dequantize_block(qb, dtype)
+        return dequantize_parts(qb, dtype)

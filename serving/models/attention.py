@@ -106,10 +106,11 @@ def fill_staged(kv: torch.Tensor, plan: StagedPlan, layer: int) -> None:
     for level, slots in plan.slots.items():
         if not len(slots):
             continue
-        deq = plan.pools[level].dequantize_layer(slots, layer, kv.dtype)  # [n, 2, T, H, D]
+        k, v = plan.pools[level].dequantize_layer(slots, layer, kv.dtype)  # [n, T, H, D] each
         first = plan.rows[level] * tokens + plan.token_starts[level]  # [n]
         index = (first[:, None] + steps[None, :]).flatten()  # [n * T]
-        flat.index_copy_(1, index, deq.transpose(0, 1).reshape(2, -1, num_kv_heads, head_dim))
+        flat[0].index_copy_(0, index, k.reshape(-1, num_kv_heads, head_dim))
+        flat[1].index_copy_(0, index, v.reshape(-1, num_kv_heads, head_dim))
 
 
 def _gather_context(

@@ -94,7 +94,7 @@ def test_attention_over_quantized_units_equals_attention_over_their_dequantized_
         eng.staged.demote(seq, u, UB, Level.L1)
     assert seq.block_table[: len(units) * UB] == [HOLE] * (len(units) * UB)
     assert eng.block_pool.num_used_blocks == used_before - len(units) * UB
-    assert eng.block_pool.extra_bytes == eng.staged.pools[Level.L1].num_bytes > 0
+    assert eng.block_pool.extra_bytes == eng.staged.pools[(Level.L1, 8)].num_bytes > 0
     staged = eng.runner.execute(batch, eng.staged.plan(batch.seqs))
     torch.testing.assert_close(staged, reference, rtol=0, atol=1e-4)
     assert staged.argmax(-1).tolist() == reference.argmax(-1).tolist()
@@ -126,7 +126,7 @@ def test_release_leaves_no_units_bytes_or_spill_files(model, prompt_ids, tmp_pat
     eng.abort("s")
     assert eng.block_pool.num_used_blocks == 0
     assert eng.block_pool.extra_bytes == 0
-    assert eng.staged.pools[Level.L1].num_units == eng.staged.pools[Level.L2].num_units == 0
+    assert all(pool.num_units == 0 for pool in eng.staged.pools.values())
     assert eng.staged.spill.num_bytes == 0
     assert eng.staged.states == {}
 
@@ -195,7 +195,7 @@ def test_kv_exported_with_quantized_units_continues_identically_elsewhere(
     torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=1e-4)
 
     unit = b.staged.state(seq_b).units[1]
-    expected = dequantize_block(b.staged.pools[unit.level].get(unit.slot))
+    expected = dequantize_block(b.staged.pools[unit.pool].get(unit.slot))
     assert b.staged.promote(seq_b, 1, UB)
     blocks = seq_b.block_table[UB : 2 * UB]
     got = b.runner.kv_cache[:, :, blocks].reshape(expected.shape[0], 2, UNIT_TOKENS, 3, 64)
