@@ -181,10 +181,9 @@ class LLMEngine:
         self.staged.import_payload(seq, seq.kv_import, self.runner.import_blocks)
 
     def _record_importance(self, seqs: list[Sequence], mass: torch.Tensor) -> None:
+        """`mass [num_seqs, blocks]`: attention each logical block received this step."""
         bs = self.config.block_size
-        tokens = mass.shape[1]
-        padded = torch.nn.functional.pad(mass, (0, -tokens % bs))
-        per_block = padded.view(len(seqs), -1, bs).sum(-1).tolist()
+        per_block = mass.tolist()
         for seq, row in zip(seqs, per_block, strict=True):
             self.staged.add_mass(seq, row[: -(-seq.num_tokens // bs)])
 

@@ -77,7 +77,7 @@ class ModelRunner:
         """fp32 logits `[num_seqs, vocab]` at each sequence's last scheduled token.
 
         With `importance_layer` >= 0 on a decode step, `last_importance` holds that layer's
-        attention mass per context token `[num_seqs, max_context]` afterwards."""
+        attention mass per logical block `[num_seqs, blocks]` afterwards."""
         input_ids, positions, meta = self._prepare(batch)
         meta.staged = staged
         meta.importance_layer = importance_layer if meta.all_decode else -1

@@ -65,6 +65,24 @@ class SeqKVState:
 
 
 @dataclass(slots=True)
+class CompactUnits:
+    slots: torch.Tensor  # [B, U] slot in the pool (padding: 0)
+    first_block: torch.Tensor  # [B, U] logical index of the unit's first block
+    valid: torch.Tensor  # [B, U] False for padding
+
+
+@dataclass(slots=True)
+class CompactPlan:
+    """Decode's view: each row's L0 blocks and units, padded (see StagedKVManager._compact)."""
+
+    l0_tables: torch.Tensor  # [B, N0] pool block ids (padding: 0)
+    l0_logical: torch.Tensor  # [B, N0] logical block index (padding: a dummy column)
+    l0_valid: torch.Tensor  # [B, N0 * bs] token inside the context and not padding
+    units: dict[PoolKey, CompactUnits]
+    num_block_columns: int  # logical blocks + the dummy column, for importance
+
+
+@dataclass(slots=True)
 class StagedPlan:
     """Where quantized units sit in one step's gathered context, per level (engine thread)."""
 
@@ -73,6 +91,7 @@ class StagedPlan:
     token_starts: dict[PoolKey, torch.Tensor]  # [n] first token of the unit in its sequence
     slots: dict[PoolKey, torch.Tensor]  # [n] slot in that pool
     unit_tokens: int
+    compact: CompactPlan | None = None
 
     def for_row(self, row: int) -> StagedPlan:
         keep = {lv: (r == row).nonzero().flatten() for lv, r in self.rows.items()}
@@ -391,4 +410,49 @@ class StagedKVManager:
         if not unit_tokens:
             return None
         as_t = lambda d: {lv: torch.tensor(v, dtype=torch.long) for lv, v in d.items() if v}  # noqa: E731
-        return StagedPlan(self.pools, as_t(rows), as_t(starts), as_t(slots), unit_tokens)
+        plan = StagedPlan(self.pools, as_t(rows), as_t(starts), as_t(slots), unit_tokens)
+        plan.compact = self._compact(seqs)
+        return plan
+
+    def _compact(self, seqs: list[Sequence]) -> CompactPlan:
+        """Per sequence, its L0 blocks and its units per pool, padded to the batch's
+        largest count, for decode attention (one query per sequence, context = every
+        computed token plus the one being decoded)."""
+        bs, ub = self.block_size, self.ub
+        l0: list[list[tuple[int, int]]] = []  # (logical block, pool block)
+        units: dict[PoolKey, list[list[tuple[int, int]]]] = {k: [] for k in self.pools}
+        contexts = []
+        for seq in seqs:
+            context = seq.num_computed_tokens + 1
+            contexts.append(context)
+            used = -(-context // bs)
+            l0.append([(i, b) for i, b in enumerate(seq.block_table[:used]) if b != HOLE])
+            st = self.states.get(seq.req_id)
+            held = st.units if st is not None else {}
+            for key in units:
+                units[key].append([(u * ub, x.slot) for u, x in held.items() if x.pool == key])
+        dummy = max(-(-c // bs) for c in contexts)  # an importance column nobody reads
+        n0 = max(1, max(len(x) for x in l0))
+        l0_tables = torch.zeros(len(seqs), n0, dtype=torch.long)
+        l0_logical = torch.full((len(seqs), n0), dummy, dtype=torch.long)
+        l0_valid = torch.zeros(len(seqs), n0 * bs, dtype=torch.bool)
+        for r, (blocks, context) in enumerate(zip(l0, contexts, strict=True)):
+            if blocks:
+                logical = torch.tensor([i for i, _ in blocks])
+                l0_tables[r, : len(blocks)] = torch.tensor([b for _, b in blocks])
+                l0_logical[r, : len(blocks)] = logical
+                positions = logical[:, None] * bs + torch.arange(bs)[None, :]
+                l0_valid[r, : len(blocks) * bs] = (positions < context).flatten()
+        compact_units = {}
+        for key, per_seq in units.items():
+            um = max(len(x) for x in per_seq)
+            if um == 0:
+                continue
+            slot_t = torch.zeros(len(seqs), um, dtype=torch.long)
+            first = torch.full((len(seqs), um), dummy, dtype=torch.long)
+            valid = torch.zeros(len(seqs), um, dtype=torch.bool)
+            for r, held in enumerate(per_seq):
+                for j, (first_block, slot) in enumerate(held):
+                    slot_t[r, j], first[r, j], valid[r, j] = slot, first_block, True
+            compact_units[key] = CompactUnits(slot_t, first, valid)
+        return CompactPlan(l0_tables, l0_logical, l0_valid, compact_units, dummy + 1)

@@ -86,6 +86,20 @@ class QuantPool:
             self._template, **{n: a[slot].clone() for n, a in self._arrays.items()}
         )
 
+    @property
+    def bits(self) -> int:
+        assert self._template is not None
+        return self._template.bits
+
+    @property
+    def v_bits(self) -> int:
+        assert self._template is not None
+        return self._template.v_bits
+
+    def layer_fields(self, slots: torch.Tensor, layer: int) -> dict[str, torch.Tensor]:
+        """Every tensor field of the units in `slots`, at one layer: `[n, ...]` each."""
+        return {n: a[:, layer].index_select(0, slots) for n, a in self._arrays.items()}
+
     def dequantize_layer(
         self, slots: torch.Tensor, layer: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +108,7 @@ class QuantPool:
         Works because every field keeps the layer as its first dim: selecting `[slots,
         layer]` yields a `QuantizedBlock` whose "layers" are the n units."""
         assert self._template is not None
-        fields = {n: a[:, layer].index_select(0, slots) for n, a in self._arrays.items()}
+        fields = self.layer_fields(slots, layer)
         qb = dataclasses.replace(
             self._template, **fields, shape=(len(slots), *self._template.shape[1:])
         )

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from serving.models.staged_attention import staged_decode_attention
+
 if TYPE_CHECKING:
     from serving.engine.staged_kv import StagedPlan
 
@@ -37,7 +39,8 @@ class AttentionMetadata:
     staged: StagedPlan | None = None
     layer: int = 0  # set by the model before each layer
     # Decode steps where importance is sampled: the attention probabilities of this layer,
-    # summed over heads, come back in `importance` as `[num_seqs, max_context]`.
+    # summed over heads and over each block's tokens, come back in `importance` as
+    # `[num_seqs, blocks]` (logical block order; extra columns are padding).
     importance_layer: int = -1
     importance: torch.Tensor | None = None
 
@@ -158,21 +161,29 @@ def _decode_attention(
 
     The `group` query heads sharing a KV head are laid out as `group` query rows of that
     head, so one SDPA call over `[num_seqs, num_kv_heads, group, head_dim]` does GQA
-    without repeating K/V.
+    without repeating K/V. With quantized units in the batch, `staged_attention` instead.
     """
+    want_mass = meta.layer == meta.importance_layer
+    if meta.staged is not None and meta.staged.compact is not None:
+        out, mass = staged_decode_attention(
+            q, layer_cache, meta.staged, meta.layer, scale, want_mass
+        )
+        if mass is not None:
+            meta.importance = mass
+        return out
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
     group = num_heads // num_kv_heads
     max_len = int(meta.context_lens_list and max(meta.context_lens_list))
     num_blocks = -(-max_len // block_size)
     kv = gather_blocks(layer_cache, meta.block_tables[:, :num_blocks])  # [2, B, nb*bs, Hkv, D]
-    if meta.staged is not None:
-        fill_staged(kv, meta.staged, meta.layer)
     kv = kv[:, :, :max_len].transpose(2, 3)  # [2, B, Hkv, L, D]
     qg = q.view(num_seqs, num_kv_heads, group, head_dim).to(kv.dtype)
     valid = torch.arange(max_len, device=q.device)[None, :] < meta.context_lens[:, None]
-    if meta.layer == meta.importance_layer:
-        meta.importance = _attention_mass(qg, kv[0], valid, scale)
+    if want_mass:
+        per_token = _attention_mass(qg, kv[0], valid, scale)  # [B, L]
+        padded = F.pad(per_token, (0, num_blocks * block_size - max_len))
+        meta.importance = padded.view(num_seqs, num_blocks, block_size).sum(-1)
     out = F.scaled_dot_product_attention(
         qg, kv[0], kv[1], attn_mask=valid[:, None, None, :], scale=scale
     )  # [B, Hkv, G, D]

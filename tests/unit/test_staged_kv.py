@@ -86,7 +86,8 @@ def test_attention_over_quantized_units_equals_attention_over_their_dequantized_
         data = cache[:, :, blocks].reshape(cache.shape[0], 2, UNIT_TOKENS, *cache.shape[4:])
         fake = dequantize_block(quantize_block(data, 8)).view(cache.shape[0], 2, UB, BS, 3, 64)
         cache[:, :, blocks] = fake
-    reference = eng.runner.execute(batch)
+    reference = eng.runner.execute(batch, importance_layer=7)
+    reference_mass = eng.runner.last_importance[0]  # per block
 
     cache.copy_(original)
     used_before = eng.block_pool.num_used_blocks
@@ -95,9 +96,17 @@ def test_attention_over_quantized_units_equals_attention_over_their_dequantized_
     assert seq.block_table[: len(units) * UB] == [HOLE] * (len(units) * UB)
     assert eng.block_pool.num_used_blocks == used_before - len(units) * UB
     assert eng.block_pool.extra_bytes == eng.staged.pools[(Level.L1, 8)].num_bytes > 0
-    staged = eng.runner.execute(batch, eng.staged.plan(batch.seqs))
+    staged = eng.runner.execute(batch, eng.staged.plan(batch.seqs), importance_layer=7)
     torch.testing.assert_close(staged, reference, rtol=0, atol=1e-4)
     assert staged.argmax(-1).tolist() == reference.argmax(-1).tolist()
+    # attention mass: a unit's lands on its first block, the rest per block as before
+    mass = eng.runner.last_importance[0]
+    for u in units:
+        got, want = mass[u * UB : (u + 1) * UB].sum(), reference_mass[u * UB : (u + 1) * UB].sum()
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    n = len(seq.block_table)
+    torch.testing.assert_close(mass[len(units) * UB : n], reference_mass[len(units) * UB : n])
+    torch.testing.assert_close(mass[:n].sum(), torch.tensor(9.0), atol=1e-3, rtol=0)  # 9 heads
 
 
 def test_demote_l1_then_l2_then_promote_is_bit_identical(model, prompt_ids, tmp_path) -> None:
