@@ -64,7 +64,8 @@ clean:
 
 # vLLM prefill backend (serving/backends/vllm): .venv-vllm (vllm-setup) plus ray[serve] at
 # our version there, so a prefill replica can run under that interpreter; then its tests.
-# Not part of `make test` (vLLM's venv is 3.5 GB and its start ~90 s): CI runs it on its own.
+# `make test` runs the vLLM tests only where this venv exists (it is 3.4 GB); CI's .ci/run
+# makes it first, so they run there.
 vllm-prefill-setup: | .venv-vllm/bin/vllm
 	.venv-vllm/bin/python -m pip install --quiet "ray[serve]==2.60.0"
 

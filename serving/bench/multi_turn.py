@@ -173,6 +173,7 @@ def plot_turns(summaries: list[dict], labels: list[str], path: Path) -> None:
     ax.set_xlabel("turn")
     ax.set_ylabel("TTFT p50 (ms)")
     ax.set_title(f"multi-turn chat: {summaries[0]['sessions']} sessions")
-    ax.legend()
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
+    ax.legend(loc="upper left", ncols=len(summaries))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
