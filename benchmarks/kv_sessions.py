@@ -111,7 +111,7 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=40)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--unit-tokens", type=int, default=64)
+    parser.add_argument("--unit-tokens", type=int, default=128)
     parser.add_argument("--profiles", nargs="*", default=list(PROFILES))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, required=True, help="output path without suffix")

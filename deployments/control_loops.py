@@ -47,6 +47,7 @@ class ControlLoops:
         """Start the loops on the actor's event loop (called from its first async call)."""
         if self._tasks or not self.settings.enabled:
             return
+        self.scheduler._publish_quality_estimate()  # the profile set at start
         s = self.settings
         for name, period, tick in (
             ("fast", s.fast_period_s, self._fast),

@@ -411,6 +411,9 @@ class KVStoreActor:
             **self.counts,
         }
 
+    async def set_delta_ppl_estimate(self, estimate: float) -> None:
+        self.metrics.delta_ppl_estimate.set(estimate)
+
     async def metrics_text(self) -> str:
         return self.metrics.exposition()
 

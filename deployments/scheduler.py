@@ -11,7 +11,11 @@ import logging
 import os
 import time
 
+import ray
+
+from deployments.actors import kv_store_actor
 from deployments.control_loops import ControlLoops
+from policies.control import PROFILE_DELTA_PPL_PCT
 from policies.routing import ReplicaState, is_alive, route
 from policies.run_context import RunContext
 from policies.runtime import RuntimePolicy
@@ -28,6 +32,7 @@ MAX_SESSIONS = 100_000  # remembered session → replica affinities (oldest forg
 class SchedulerActor:
     def __init__(self, config: dict):
         cfg = InferosConfig.model_validate(config)
+        self.config_dict = config
         self.replicas: dict[Role, dict[str, ReplicaState]] = {Role.PREFILL: {}, Role.DECODE: {}}
         self.metrics_texts_by_replica: dict[str, str] = {}
         self.ingress_texts: dict[str, tuple[float, str]] = {}  # replica → (time, text)
@@ -116,7 +121,19 @@ class SchedulerActor:
         """Apply a validated change (raises on a bad one, changing nothing)."""
         self.policy = self.policy.updated(changes)
         logger.info("policy changed: %s -> %s", changes, self.policy.model_dump())
+        self._publish_quality_estimate()
         return self.policy
+
+    def _publish_quality_estimate(self) -> None:
+        """The active profile's measured ΔPPL, as `inferos:kv_delta_ppl_estimate` (relative,
+        0.01 = +1 %) on the store, which exports the other KV-level metrics."""
+        estimate = PROFILE_DELTA_PPL_PCT.get(self.policy.kv_profile, 0.0) / 100
+        if not ray.is_initialized():  # a plain object in unit tests: don't start Ray
+            return
+        try:
+            kv_store_actor(self.config_dict).set_delta_ppl_estimate.remote(estimate)
+        except Exception:  # no Ray (unit tests) or the store restarting: metrics only
+            logger.debug("could not publish the ΔPPL estimate", exc_info=True)
 
     async def get_policy(self) -> RuntimePolicy:
         return self.policy

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 
+from policies.control import PROFILE_DELTA_PPL_PCT
 from tests.integration.conftest import MODEL
 from tests.integration.metrics_util import total
 from tests.integration.test_handoff import _hf_greedy
@@ -91,6 +92,10 @@ def test_sessions_beyond_the_budget_finish_right_and_a_spilled_one_resumes(stage
     text = app.metrics_text()
     assert total(text, "inferos:num_preemptions_total", role="decode") == 0
     assert total(text, "inferos:kv_demotions_total", role="kv_store") > 0
+    # the active profile's measured quality cost, published for dashboards
+    assert total(text, "inferos:kv_delta_ppl_estimate", role="kv_store") == pytest.approx(
+        PROFILE_DELTA_PPL_PCT["safe"] / 100
+    )
     assert total(text, "inferos:kv_bytes_per_level", role="kv_store", level="L3") > 0
 
     # A spilled session's next turn: reloaded from disk, its prefix re-used, answered.
