@@ -20,8 +20,8 @@ from serving.spec.proposer import NgramProposer, Proposer, TruncatedDraft
 def truncated_view(model: LlamaForCausalLM, num_layers: int) -> LlamaForCausalLM:
     """The target's first `num_layers` layers + final norm + LM head, sharing its weights
     (for a draft that cannot share the target's KV cache, e.g. in another process)."""
-    if not 0 < num_layers < len(model.layers):
-        raise ValueError(f"num_draft_layers must be in 1..{len(model.layers) - 1}")
+    if not 0 < num_layers <= len(model.layers):
+        raise ValueError(f"num_draft_layers must be in 1..{len(model.layers)}")
     model.layers = nn.ModuleList(list(model.layers)[:num_layers])
     return model
 

@@ -91,9 +91,9 @@ class TruncatedDraft:
 
     def __init__(self, runner, num_layers: int, vocab_size: int | None = None):
         model = runner.model
-        if not 0 < num_layers < model.arch.num_layers:
+        if not 0 < num_layers <= len(model.layers):
             raise ValueError(
-                f"num_draft_layers must be in 1..{model.arch.num_layers - 1}, got {num_layers}"
+                f"num_draft_layers must be in 1..{len(model.layers)}, got {num_layers}"
             )
         self.runner = runner
         self.model = model
