@@ -12,7 +12,6 @@ from deployments.engine_replica import EngineReplica
 from policies.runtime import RuntimePolicy
 from serving.engine.engine import LLMEngine, StepOutput
 from serving.engine.sequence import Sequence
-from serving.kv.block_format import KVPayload
 from serving.messages import DecodeRequest, ReplicaLoad, Role, TokenDelta
 from serving.spec.decode_step import SpecDecodeStep
 from serving.spec.replica import SpecMetricsPusher, attach_speculation
@@ -90,12 +89,8 @@ class DecodeServer(EngineReplica):
             stored = await self.kv_store.get.remote(req.kv_key, self.replica_id)
             if stored is None:
                 return f"KV {req.kv_key} is not in the kv_store"
-            blocks = await asyncio.gather(*stored.blocks)  # zero-copy reads on the same node
-            seq.kv_import = KVPayload(
-                stored.layout, stored.num_tokens, list(blocks), stored.spans, stored.sizes
-            )
+            seq.kv_import = await self._read_stored(stored)
             seq.output_token_ids = [req.first_token_id]
-            self.metrics.kv_transfer_bytes.inc(seq.kv_import.num_bytes)
             self.num_imported += 1
             self._streamed.add(req.req_id)  # the ingress has the first token already
         else:

@@ -17,6 +17,7 @@ from serving.backends.registry import build_engine
 from serving.config import InferosConfig
 from serving.engine.engine import LLMEngine, StepOutput, StepStats
 from serving.engine.engine_thread import EngineThread
+from serving.kv.block_format import KVPayload
 from serving.logging_setup import configure_logging
 from serving.messages import ReplicaLoad, Role
 from serving.metrics import EngineMetrics
@@ -120,6 +121,12 @@ class EngineReplica:
         self.metrics.spills.inc(now[2] - before[2])
         self._levels_reported = now
     policy_version = -1
+
+    async def _read_stored(self, stored: KVPayload) -> KVPayload:
+        """A payload of the kv_store's object refs, read (zero-copy on the same node)."""
+        blocks = await asyncio.gather(*stored.blocks)
+        self.metrics.kv_transfer_bytes.inc(stored.num_bytes)
+        return KVPayload(stored.layout, stored.num_tokens, list(blocks), stored.spans, stored.sizes)
 
     def _apply_policy(self, policy: RuntimePolicy) -> None:
         """A new run-time policy arrived with a report answer; roles extend what they use."""

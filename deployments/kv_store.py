@@ -305,7 +305,7 @@ class KVStoreActor:
             )
             entry.disk_bytes += self.spill.put_tensors(f"{key}/originals", known | originals)
             entry.originals.update({int(k): 0 for k in originals})
-            self.counts["spilled_blocks"] += sum(ub for _ in originals)
+            self.counts["spilled_blocks"] += ub * len(originals)
             self.metrics.spills.inc(ub * len(originals))
         entry.elements = out
         logger.info("kv_store: demoted %d units of %s to %s", len(originals), key, target.name)

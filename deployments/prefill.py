@@ -88,10 +88,8 @@ class PrefillServer(EngineReplica):
         )
         if stored is None:
             return None
-        blocks = await asyncio.gather(*stored.blocks)  # zero-copy reads on the same node
         self.num_reused_tokens += stored.num_tokens
-        self.metrics.kv_transfer_bytes.inc(stored.num_bytes)
-        return KVPayload(stored.layout, stored.num_tokens, list(blocks), stored.spans, stored.sizes)
+        return await self._read_stored(stored)
 
     async def stats(self) -> dict:
         return await super().stats() | {

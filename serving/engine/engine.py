@@ -136,12 +136,7 @@ class LLMEngine:
             return []
         self.num_preemptions += len(batch.preempted)
         started = time.perf_counter()
-        # speculation reads the cache through plain block tables: not over quantized units
-        if self.spec is not None and not batch.is_prefill and self.staged.plan(batch.seqs) is None:
-            spec_outputs = self.spec.step(batch)  # None: decode this batch plainly
-            if spec_outputs is not None:
-                return self._finish_decode(batch, spec_outputs, started)
-        plan, importance_layer = None, -1
+        importance_layer = -1
         if not batch.is_prefill:
             self.num_decode_steps += 1
             if self.staged.active(batch.seqs):
@@ -151,6 +146,11 @@ class LLMEngine:
                     importance_layer = self.importance_layer
         # prefill steps too: a prompt may continue a cached prefix held quantized
         plan = self.staged.plan(batch.seqs) if self.staged.states else None
+        # speculation reads the cache through plain block tables: not over quantized units
+        if self.spec is not None and not batch.is_prefill and plan is None:
+            spec_outputs = self.spec.step(batch)  # None: decode this batch plainly
+            if spec_outputs is not None:
+                return self._finish_decode(batch, spec_outputs, started)
         logits = self.runner.execute(batch, plan, importance_layer)
         if self.runner.last_importance is not None:
             self._record_importance(batch.seqs, self.runner.last_importance)
