@@ -119,15 +119,20 @@ class SpecGate:
     emit, not what the pass costs: a wider target pass can leave a fast small-batch kernel
     (e.g. the int4 path for steps of <= 8 tokens), and drafting costs time too. So the gate
     measures output tokens per second of the two kinds of decode step, separately per batch
-    size (the cost of both depends on it): plain steps emit one token per sequence,
-    speculative steps what verification accepted plus one. Each number is an EWMA
-    (weight `alpha` on the newest step).
+    size bucket (1, 2, 3-4, 5-8, ...: the cost of both depends on it, and neighbouring sizes
+    cost alike, so a bucket is measured once for all its sizes): plain steps emit one token
+    per sequence, speculative steps what verification accepted plus one. Each number is an
+    EWMA (weight `alpha` on the newest step).
 
-    * Until a batch size has `min_samples` measurements of each kind, the gate alternates
-      to collect them (speculative first).
-    * Then it picks the faster kind, and every `probe_every` steps of one kind it runs
+    * Until a bucket has `min_samples` measurements of each kind, the gate alternates to
+      collect them (speculative first).
+    * Then it picks the faster kind, and after `probe_every` steps of one kind it runs
       `probe_len` steps of the other, so a change (the text became predictable, the batch
       composition moved) is noticed: that is "back on when it would pay".
+    * A probe that leaves the choice as it was doubles that bucket's probe interval (up to
+      `max_backoff` times `probe_every`): probing a kind that keeps losing is a cost paid
+      for nothing (at batch 8 a speculative step can take twice a plain one). A probe that
+      flips the choice resets the interval.
     """
 
     def __init__(
@@ -136,22 +141,33 @@ class SpecGate:
         min_samples: int = 3,
         probe_every: int = 48,
         probe_len: int = 3,
-        max_batch_key: int = 16,
+        max_backoff: int = 8,
+        max_batch_key: int = 6,
     ) -> None:
-        if not 0.0 < alpha <= 1.0 or min_samples < 1 or probe_every < 1 or probe_len < 1:
+        if (
+            not 0.0 < alpha <= 1.0
+            or min_samples < 1
+            or probe_every < 1
+            or probe_len < 1
+            or max_backoff < 1
+        ):
             raise ValueError("bad SpecGate settings")
         self.alpha = alpha
         self.min_samples = min_samples
         self.probe_every = probe_every
         self.probe_len = probe_len
+        self.max_backoff = max_backoff
         self.max_batch_key = max_batch_key
         # per batch key: [tokens/s EWMA, samples] for plain (index 0) and speculative (1)
         self._rates: dict[int, list[list[float]]] = {}
         self._streak: dict[int, int] = {}  # steps in a row of the preferred kind
         self._probing: dict[int, int] = {}  # probe steps left
+        self._probed_choice: dict[int, bool] = {}  # the choice a running probe questions
+        self._interval: dict[int, int] = {}  # steps between probes, with backoff
 
     def _key(self, num_seqs: int) -> int:
-        return min(num_seqs, self.max_batch_key)
+        """Bucket of a batch size: 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ..."""
+        return min(max(num_seqs - 1, 0).bit_length(), self.max_batch_key)
 
     def _entry(self, key: int) -> list[list[float]]:
         return self._rates.setdefault(key, [[0.0, 0], [0.0, 0]])
@@ -170,10 +186,17 @@ class SpecGate:
         if self._probing.get(key, 0) > 0:
             self._probing[key] -= 1
             return not best
+        if key in self._probed_choice:  # a probe just ended: did it change the choice?
+            interval = self._interval.get(key, self.probe_every)
+            kept = self._probed_choice.pop(key) == best
+            self._interval[key] = (
+                min(2 * interval, self.max_backoff * self.probe_every) if kept else self.probe_every
+            )
         self._streak[key] = self._streak.get(key, 0) + 1
-        if self._streak[key] >= self.probe_every:
+        if self._streak[key] >= self._interval.get(key, self.probe_every):
             self._streak[key] = 0
             self._probing[key] = self.probe_len
+            self._probed_choice[key] = best
         return best
 
     def observe(self, num_seqs: int, speculative: bool, num_tokens: int, duration_s: float) -> None:

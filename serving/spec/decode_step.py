@@ -45,7 +45,7 @@ class SpecDecodeStep:
         self,
         engine: LLMEngine,
         proposer: Proposer,
-        k_max: int = 4,
+        k_max: int = 3,
         gate: SpecGate | None = None,
         enabled: bool = True,
     ):

@@ -33,11 +33,10 @@ def attach_speculation(
         proposer = RemoteProposer(draft_handle, settings.method)
     else:
         num_layers = len(engine.runner.model.layers)
-        if settings.method == "truncated" and num_layers < 2:
-            logger.warning("a %d-layer model has no truncated draft: speculation off", num_layers)
-            return None
-        if settings.method == "truncated" and settings.num_draft_layers >= num_layers:
-            settings = settings.model_copy(update={"num_draft_layers": num_layers - 1})
+        # all layers is a valid draft (the saving is then the vocabulary-slice head, and the
+        # verify pass is the full LM head alone); more than the model has is clamped
+        if settings.method == "truncated" and settings.num_draft_layers > num_layers:
+            settings = settings.model_copy(update={"num_draft_layers": num_layers})
         proposer = build_proposer(
             settings,
             engine,

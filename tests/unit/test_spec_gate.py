@@ -26,12 +26,42 @@ def test_measures_both_kinds_first() -> None:
     assert picks[0] is True  # speculative first
 
 
+def _probe_starts(picks: list[bool], probe_kind: bool) -> list[int]:
+    return [
+        i for i in range(1, len(picks)) if picks[i] is probe_kind and picks[i - 1] is not probe_kind
+    ]
+
+
 def test_keeps_the_faster_kind_and_probes_the_other() -> None:
     gate = SpecGate(min_samples=2, probe_every=20, probe_len=2)
     picks = _drive(gate, 1, spec_rate=30, plain_rate=20, steps=104)
     steady = picks[4:]  # after 2 + 2 measuring steps
     assert steady.count(True) > 0.85 * len(steady)
-    assert steady.count(False) >= 2 * (len(steady) // 22)  # the probes did happen
+    assert len(_probe_starts(steady, False)) >= 2  # the probes did happen
+
+
+def test_probes_that_confirm_the_choice_come_less_often() -> None:
+    gate = SpecGate(min_samples=2, probe_every=10, probe_len=2, max_backoff=4)
+    picks = _drive(gate, 8, spec_rate=50, plain_rate=100, steps=300)
+    starts = _probe_starts(picks[4:], True)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    # 20, then 40 steps of plain decoding between probes (each probe is 2 steps), and 40
+    # stays: capped at max_backoff * probe_every
+    assert gaps[:2] == [20 + 2, 40 + 2]
+    assert set(gaps[2:]) == {40 + 2}
+    assert picks[4:].count(True) < 0.1 * len(picks[4:])
+
+
+def test_a_probe_that_flips_the_choice_resets_the_interval() -> None:
+    gate = SpecGate(alpha=0.5, min_samples=2, probe_every=10, probe_len=3, max_backoff=8)
+    _drive(gate, 1, spec_rate=10, plain_rate=20, steps=200)  # backed off to 80 steps
+    picks = _drive(gate, 1, spec_rate=80, plain_rate=20, steps=100)
+    first_on = picks.index(True)
+    assert first_on <= 80  # the next probe comes at the latest after the longest interval
+    later = picks[first_on + 3 :]
+    assert later.count(True) >= 0.8 * len(later)
+    # probing plain decoding again starts from the base interval, not the backed-off one
+    assert _probe_starts(later, False)[0] <= 12
 
 
 def test_switches_off_where_it_loses_per_batch_size() -> None:
