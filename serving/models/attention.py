@@ -258,25 +258,38 @@ def _decode_attention(
     kv = kv[:, :, :max_len].transpose(2, 3)  # [2, B, Hkv, L, D]
     qg = q.view(num_seqs, num_kv_heads, group, head_dim).to(kv.dtype)
     valid = torch.arange(max_len, device=q.device)[None, :] < meta.context_lens[:, None]
-    out, probs = masked_attention(qg, kv[0], kv[1], valid[:, None, None, :], scale)  # [B,Hkv,G,D]
-    if want_mass:
+    mask = valid[:, None, None, :]
+    out, probs = masked_attention(qg, kv[0], kv[1], mask, scale, want_mass)  # [B, Hkv, G, D]
+    if probs is not None:
         per_token = probs.sum(dim=(1, 2))  # [B, L]
         padded = F.pad(per_token, (0, num_blocks * block_size - max_len))
         meta.importance = padded.view(num_seqs, num_blocks, block_size).sum(-1)
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
+# Below this many (sequence, context token) pairs one SDPA call is cheaper than three ops.
+SDPA_BELOW_KEYS = 512
+
+
 def masked_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output, fp32 probabilities) of `q [B, H, R, D]` over `k, v [B, H, L, D]` where
-    `mask` (broadcast to `[B, H, R, L]`) is True.
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    want_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(output, fp32 probabilities if `want_probs`) of `q [B, H, R, D]` over
+    `k, v [B, H, L, D]` where `mask` (broadcast to `[B, H, R, L]`) is True.
 
     Written out rather than SDPA: with a handful of query rows per head (decode, verify) the
-    CPU SDPA kernel costs about twice these three small ops (measured: 254 vs 122 us at
-    batch 8, 300 tokens, bf16), and the probabilities come for free for the attention mass.
-    Scores are the matmul in the cache's dtype, softmax in fp32, as transformers' eager
-    attention does."""
+    CPU SDPA kernel costs about twice these three small ops once there is some context
+    (measured, bf16: 214 vs 111 us at batch 8 x 250 tokens, 108 vs 75 us at 1 x 1000), and
+    the probabilities come for free for the attention mass. A single short sequence
+    (1 x 250: 31 vs 51 us) stays on SDPA. Scores are the matmul in the cache's dtype,
+    softmax in fp32, as transformers' eager attention does."""
+    if not want_probs and q.shape[0] * k.shape[-2] < SDPA_BELOW_KEYS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
     probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
     return torch.matmul(probs.to(v.dtype), v), probs
