@@ -16,7 +16,8 @@ stored prefix would make whichever runs second prefill less.
 
 Writes spec_decode.json (every bench summary, counters, ratios), spec_decode.md (the
 table) and spec_decode.png (ratios per method and concurrency, with the 1.3x and 0.95x
-marks) into --out-dir. Progress goes to stdout.
+marks) into --out-dir, the servers' configs beside them, and the servers' and bench
+client's logs under --out-dir/logs. Progress goes to stdout.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ def measure(base_url: str, args: argparse.Namespace, c: int, on: bool, tag: str,
     set_speculation(base_url, on)
     before = spec_counters(base_url)
     n = args.prompts_per_client * c if c > 1 else args.prompts_c1
-    summary = run_bench(base_url, args, c, n, out_dir / f"{tag}.json", out_dir / "bench.log")
+    logs = out_dir / "logs"
+    summary = run_bench(base_url, args, c, n, logs / f"{tag}.json", logs / "bench.log")
     time.sleep(2.5)  # counters reach /metrics with the replicas' ~1 s pushes
     after = spec_counters(base_url)
     delta = {k: after[k] - before[k] for k in COUNTERS}
@@ -116,7 +118,9 @@ def bench_method(method: str, args: argparse.Namespace, out_dir: Path) -> dict[s
     cmd = [str(ROOT / ".venv/bin/inferos"), "serve", "--config", str(config),
            "--port", str(args.port)]  # fmt: skip
     env = dict(os.environ, INFEROS_ADMIN_TOKEN=ADMIN_TOKEN)
-    server = ManagedServer(f"inferos ({method})", cmd, env, out_dir / f"serve_{method}.log")
+    server = ManagedServer(
+        f"inferos ({method})", cmd, env, out_dir / "logs" / f"serve_{method}.log"
+    )
     server.start()
     result: dict[str, Any] = {"method": method, "levels": {}}
     try:
@@ -236,7 +240,7 @@ def main() -> int:
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks/results/spec")
     args = ap.parse_args()
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "logs").mkdir(parents=True, exist_ok=True)  # git ignores logs/
     started = time.time()
     load_start = os.getloadavg()
     log(f"config {vars(args)} | load {load_start}")

@@ -70,7 +70,15 @@ class DraftServer:
                 self.proposer.release(req_id)
 
     def stats(self) -> dict:
-        return {"num_calls": self.num_calls, "method": self.settings.method}
+        with self._lock:
+            held = self.proposer.states if self.proposer is not None else {}
+            return {
+                "num_calls": self.num_calls,
+                "method": self.settings.method,
+                # sequences whose draft KV this replica still holds, and its blocks in use
+                "num_sequences": len(held),
+                "num_blocks_used": sum(len(st.block_table) for st in held.values()),
+            }
 
 
 DraftDeployment = serve.deployment(DraftServer, name="draft")

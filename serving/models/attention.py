@@ -292,4 +292,4 @@ def masked_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
     probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
-    return torch.matmul(probs.to(v.dtype), v), probs
+    return torch.matmul(probs.to(v.dtype), v), probs if want_probs else None

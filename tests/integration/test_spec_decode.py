@@ -108,3 +108,43 @@ def test_spec_decode_metrics_are_exported(spec_app) -> None:
     assert 0 < drafts <= draft_tokens
     assert 0 < accepted <= draft_tokens
     assert per_pos == accepted  # every accepted token has a position
+
+
+# The draft in its own `draft` deployment (a draft model on another device): a truncated
+# view of the target (all layers, the 16k-token head) with its own paged KV, one batched
+# call per engine step.
+DRAFT_DEPLOYMENT = {
+    "speculation": {
+        "enabled": True,
+        "method": "truncated",
+        "placement": "deployment",
+        "num_draft_layers": 30,
+        "k_max": 3,
+    }
+}
+
+
+def test_draft_deployment_drafts_for_the_decode_replica(apps) -> None:
+    app = apps.get(DRAFT_DEPLOYMENT)
+    draft = app.deployment("draft")
+    calls_before = draft.stats.remote().result()["num_calls"]
+    _set_speculation(app, False)
+    _wait_enabled(app, False)
+    plain = _answers(app)
+    _set_speculation(app, True)
+    _wait_enabled(app, True)
+    speculative = _answers(app)
+    assert speculative == plain  # greedy: the target's tokens, whoever drafts them
+
+    stats = _decode_stats(app)["spec_decode"]
+    assert stats["method"] == "truncated@deployment"
+    assert stats["num_draft_tokens"] > 0 and stats["num_accepted_tokens"] > 0
+    after = draft.stats.remote().result()
+    assert after["method"] == "truncated"
+    assert after["num_calls"] > calls_before
+    # finished requests release their draft KV (fire-and-forget calls: allow them to land)
+    deadline = time.monotonic() + 10
+    while after["num_sequences"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+        after = draft.stats.remote().result()
+    assert after["num_sequences"] == 0 and after["num_blocks_used"] == 0

@@ -10,7 +10,7 @@ from serving.models import attention
 from serving.models.attention import paged_attention, write_kv
 from serving.spec.forward import make_metadata
 
-NUM_BLOCKS, BLOCK, HKV, HQ, D = 64, 16, 3, 9, 64
+NUM_BLOCKS, BLOCK, HKV, HQ, D = 128, 16, 3, 9, 64
 
 
 def _case(contexts: list[int], queries: list[int], seed: int = 0):
@@ -50,3 +50,17 @@ def test_a_prompt_without_cached_prefix_takes_the_per_sequence_path() -> None:
     q, k, v, cache, meta = _case([20, 6], [4, 6])  # the second has nothing cached
     paged_attention(q, k, v, cache, meta, 0.125)
     assert meta.short_queries is None
+
+
+@pytest.mark.parametrize("contexts", [[20], [200] * 8])  # SDPA and the written-out path
+def test_decode_reports_attention_mass_only_when_asked(contexts) -> None:
+    queries = [1] * len(contexts)
+    q, k, v, cache, meta = _case(contexts, queries)
+    paged_attention(q, k, v, cache, meta, 0.125)
+    assert meta.importance is None  # else every step would count as staged KV
+    q, k, v, cache, meta = _case(contexts, queries)
+    meta.importance_layer = meta.layer
+    paged_attention(q, k, v, cache, meta, 0.125)
+    assert meta.importance is not None
+    # every query's probabilities sum to 1 over its context, summed over the 9 heads
+    torch.testing.assert_close(meta.importance.sum(-1), torch.full((len(contexts),), 9.0))
