@@ -121,8 +121,9 @@ class SpecGate:
     measures output tokens per second of the two kinds of decode step, separately per batch
     size bucket (1, 2, 3-4, 5-8, ...: the cost of both depends on it, and neighbouring sizes
     cost alike, so a bucket is measured once for all its sizes): plain steps emit one token
-    per sequence, speculative steps what verification accepted plus one. Each number is an
-    EWMA (weight `alpha` on the newest step).
+    per sequence, speculative steps what verification accepted plus one. A rate is the
+    EWMA of tokens per step over the EWMA of seconds per step (weight `alpha` on the
+    newest step).
 
     * Until a bucket has `min_samples` measurements of each kind, the gate alternates to
       collect them (speculative first).
@@ -158,7 +159,10 @@ class SpecGate:
         self.probe_len = probe_len
         self.max_backoff = max_backoff
         self.max_batch_key = max_batch_key
-        # per batch key: [tokens/s EWMA, samples] for plain (index 0) and speculative (1)
+        # per batch key, for plain (index 0) and speculative (1) steps: [EWMA of output
+        # tokens per step, EWMA of seconds per step, samples]. Their ratio is the rate: a
+        # ratio of means, so one lucky step (a whole draft accepted) moves it by its tokens,
+        # not by its rate, and the choice does not flip on a single outlier.
         self._rates: dict[int, list[list[float]]] = {}
         self._streak: dict[int, int] = {}  # steps in a row of the preferred kind
         self._probing: dict[int, int] = {}  # probe steps left
@@ -170,19 +174,19 @@ class SpecGate:
         return min(max(num_seqs - 1, 0).bit_length(), self.max_batch_key)
 
     def _entry(self, key: int) -> list[list[float]]:
-        return self._rates.setdefault(key, [[0.0, 0], [0.0, 0]])
+        return self._rates.setdefault(key, [[0.0, 0.0, 0], [0.0, 0.0, 0]])
 
     def rate(self, num_seqs: int, speculative: bool) -> float | None:
         """Measured output tokens/s of that kind of step at this batch size, if any."""
-        value, n = self._entry(self._key(num_seqs))[int(speculative)]
-        return value if n else None
+        tokens, seconds, n = self._entry(self._key(num_seqs))[int(speculative)]
+        return tokens / seconds if n else None
 
     def should_speculate(self, num_seqs: int) -> bool:
         key = self._key(num_seqs)
-        (plain, n_plain), (spec, n_spec) = self._entry(key)
-        if n_spec < self.min_samples or n_plain < self.min_samples:
-            return n_spec <= n_plain
-        best = spec > plain
+        plain, spec = self._entry(key)
+        if spec[2] < self.min_samples or plain[2] < self.min_samples:
+            return spec[2] <= plain[2]
+        best = spec[0] * plain[1] > plain[0] * spec[1]  # spec tokens/s > plain tokens/s
         if self._probing.get(key, 0) > 0:
             self._probing[key] -= 1
             return not best
@@ -204,6 +208,9 @@ class SpecGate:
         if duration_s <= 0.0:
             return
         slot = self._entry(self._key(num_seqs))[int(speculative)]
-        rate = num_tokens / duration_s
-        slot[0] = rate if slot[1] == 0 else slot[0] + self.alpha * (rate - slot[0])
-        slot[1] += 1
+        if slot[2] == 0:
+            slot[0], slot[1] = float(num_tokens), duration_s
+        else:
+            slot[0] += self.alpha * (num_tokens - slot[0])
+            slot[1] += self.alpha * (duration_s - slot[1])
+        slot[2] += 1

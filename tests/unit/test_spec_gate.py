@@ -89,3 +89,24 @@ def test_bad_settings_raise() -> None:
         SpecGate(alpha=0.0)
     with pytest.raises(ValueError):
         SpecGate(probe_len=0)
+
+
+def test_one_lucky_speculative_step_does_not_flip_the_choice() -> None:
+    """Rates are tokens over seconds of the averaged steps: a rare short step that emitted
+    a whole draft must not outweigh the steps it is averaged with (a mean of per-step rates
+    jumps by alpha * 320 tok/s on it, and would switch a losing kind on)."""
+    gate = SpecGate(alpha=0.2, min_samples=2, probe_every=10, probe_len=2)
+    picks = []
+    spec_steps = 0
+    for _ in range(400):
+        spec = gate.should_speculate(8)
+        picks.append(spec)
+        if spec:
+            spec_steps += 1
+            lucky = spec_steps % 5 == 0
+            gate.observe(8, True, 16 if lucky else 8, 0.05 if lucky else 0.2)  # 320 / 40 tok/s
+        else:
+            gate.observe(8, False, 8, 0.1)  # 80 tok/s
+    # speculation (~56 tok/s overall) only ever runs as the initial samples and probes
+    assert gate.rate(8, speculative=True) < gate.rate(8, speculative=False)
+    assert picks[4:].count(True) <= 2 * len(_probe_starts(picks[4:], True))
