@@ -104,6 +104,16 @@ def gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torc
     return flat.view(two, rows, nb * block_size, num_kv_heads, head_dim)
 
 
+def _gather_heads_first(
+    layer_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int
+) -> torch.Tensor:
+    """`[2, B, Hkv, max_len, D]`: every row's first `max_len` context tokens, heads first
+    as the batched attention calls take them (rows shorter than max_len are masked)."""
+    num_blocks = -(-max_len // layer_cache.shape[2])
+    kv = gather_blocks(layer_cache, block_tables[:, :num_blocks])
+    return kv[:, :, :max_len].transpose(2, 3)
+
+
 def fill_staged(kv: torch.Tensor, plan: StagedPlan, layer: int) -> None:
     """Write this layer of the plan's quantized units, dequantized, into a gathered
     context `kv [2, B, tokens, Hkv, D]` (contiguous) in place: one vectorized dequantize
@@ -202,19 +212,17 @@ class ShortQueries:
 def _short_query_attention(
     q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float
 ) -> torch.Tensor:
-    """A few query tokens per sequence over its cached context, all sequences in one SDPA
-    call (GQA as in `_decode_attention`: the G query heads of a KV head and the M query
-    tokens are the M * G query rows of that head)."""
-    num_tokens, num_heads, head_dim = q.shape
-    _, _, block_size, num_kv_heads, _ = layer_cache.shape
+    """A few query tokens per sequence over its cached context, all sequences in one
+    attention call (GQA as in `_decode_attention`: the G query heads of a KV head and the M
+    query tokens are the M * G query rows of that head)."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads = layer_cache.shape[3]
     group = num_heads // num_kv_heads
     sq = meta.short_queries
     if sq is None:
         sq = meta.short_queries = ShortQueries.build(meta, group)
     num_seqs, m = meta.num_seqs, sq.max_query
-    num_blocks = -(-sq.max_len // block_size)
-    kv = gather_blocks(layer_cache, meta.block_tables[:, :num_blocks])
-    kv = kv[:, :, : sq.max_len].transpose(2, 3)  # [2, B, Hkv, L, D]
+    kv = _gather_heads_first(layer_cache, meta.block_tables, sq.max_len)
     padded = q.new_zeros(num_seqs * m, num_heads, head_dim)
     padded.index_copy_(0, sq.rows, q)
     qg = (
@@ -254,8 +262,7 @@ def _decode_attention(
     group = num_heads // num_kv_heads
     max_len = int(meta.context_lens_list and max(meta.context_lens_list))
     num_blocks = -(-max_len // block_size)
-    kv = gather_blocks(layer_cache, meta.block_tables[:, :num_blocks])  # [2, B, nb*bs, Hkv, D]
-    kv = kv[:, :, :max_len].transpose(2, 3)  # [2, B, Hkv, L, D]
+    kv = _gather_heads_first(layer_cache, meta.block_tables, max_len)
     qg = q.view(num_seqs, num_kv_heads, group, head_dim).to(kv.dtype)
     valid = torch.arange(max_len, device=q.device)[None, :] < meta.context_lens[:, None]
     mask = valid[:, None, None, :]

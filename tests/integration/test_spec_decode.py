@@ -72,13 +72,18 @@ def _counter(text: str, name: str) -> float:
     return total
 
 
+def _answers_off_then_on(app) -> tuple[list[str], list[str]]:
+    """The greedy answers with speculation switched off, then on (run-time policy)."""
+    _set_speculation(app, False)
+    _wait_enabled(app, False)
+    plain = _answers(app)
+    _set_speculation(app, True)
+    _wait_enabled(app, True)
+    return plain, _answers(app)
+
+
 def test_greedy_answers_identical_with_speculation_on_and_off(spec_app) -> None:
-    _set_speculation(spec_app, False)
-    _wait_enabled(spec_app, False)
-    plain = _answers(spec_app)
-    _set_speculation(spec_app, True)
-    _wait_enabled(spec_app, True)
-    speculative = _answers(spec_app)
+    plain, speculative = _answers_off_then_on(spec_app)
     assert speculative == plain
     stats = _decode_stats(spec_app)["spec_decode"]
     assert stats["method"] == "ngram" and stats["num_draft_tokens"] > 0
@@ -128,12 +133,7 @@ def test_draft_deployment_drafts_for_the_decode_replica(apps) -> None:
     app = apps.get(DRAFT_DEPLOYMENT)
     draft = app.deployment("draft")
     calls_before = draft.stats.remote().result()["num_calls"]
-    _set_speculation(app, False)
-    _wait_enabled(app, False)
-    plain = _answers(app)
-    _set_speculation(app, True)
-    _wait_enabled(app, True)
-    speculative = _answers(app)
+    plain, speculative = _answers_off_then_on(app)
     assert speculative == plain  # greedy: the target's tokens, whoever drafts them
 
     stats = _decode_stats(app)["spec_decode"]
