@@ -110,3 +110,34 @@ def test_one_lucky_speculative_step_does_not_flip_the_choice() -> None:
     # speculation (~56 tok/s overall) only ever runs as the initial samples and probes
     assert gate.rate(8, speculative=True) < gate.rate(8, speculative=False)
     assert picks[4:].count(True) <= 2 * len(_probe_starts(picks[4:], True))
+
+
+def test_speculates_only_when_it_wins_by_the_margin() -> None:
+    """Level rates (a full-depth draft at batch 8) keep speculation off: a wrong "on" costs
+    k + 1 draft passes per step, a wrong "off" at most `min_gain` of throughput."""
+    level = SpecGate(min_samples=2, probe_every=50, probe_len=2, min_gain=0.05)
+    picks = _drive(level, 8, spec_rate=103, plain_rate=100, steps=40)
+    assert picks[-30:].count(True) == 0
+    ahead = SpecGate(min_samples=2, probe_every=50, probe_len=2, min_gain=0.05)
+    picks = _drive(ahead, 8, spec_rate=110, plain_rate=100, steps=40)
+    assert picks[-30:].count(True) == 30
+
+
+def test_each_batch_size_up_to_8_is_measured_on_its_own() -> None:
+    """Plain decoding at 5 sequences is slower than at 8; pooled in one bucket, speculation
+    measured at 8 would look faster than plain decoding measured at 5."""
+    gate = SpecGate(min_samples=2, probe_every=100, probe_len=2)
+    _drive(gate, 5, spec_rate=40, plain_rate=60, steps=20)  # speculation loses at 5
+    _drive(gate, 8, spec_rate=70, plain_rate=100, steps=20)  # and at 8
+    assert gate.rate(5, speculative=False) == pytest.approx(60)
+    assert gate.rate(8, speculative=True) == pytest.approx(70)
+    assert gate.rate(6, speculative=True) is None
+    assert not gate.should_speculate(5) and not gate.should_speculate(8)
+
+
+def test_larger_batches_share_power_of_two_buckets() -> None:
+    gate = SpecGate(min_samples=1)
+    gate.observe(9, False, 9, 1.0)
+    gate.observe(16, False, 18, 1.0)
+    assert gate.rate(12, speculative=False) == pytest.approx(10.8)  # 9 + 0.2 * (18 - 9)
+    assert gate.rate(17, speculative=False) is None
