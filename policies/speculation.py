@@ -24,6 +24,8 @@ Rule:
 from __future__ import annotations
 
 import math
+from collections import deque
+from dataclasses import dataclass, field
 
 
 class SpecController:
@@ -112,34 +114,77 @@ class SpecController:
         self._off_steps = 0
 
 
+@dataclass(slots=True)
+class _Sums:
+    """Output tokens and seconds of some decode steps of one kind; their ratio is a rate
+    of the steps together (a ratio of sums: one lucky step moves it by its tokens, not by
+    its rate)."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+    steps: int = 0
+
+    def add(self, tokens: float, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        self.steps += 1
+
+
+@dataclass(slots=True)
+class _Bucket:
+    """The gate's state for one batch size."""
+
+    ewma: list[list[float]] = field(default_factory=lambda: [[0.0, 0.0, 0], [0.0, 0.0, 0]])
+    first: list[_Sums] = field(default_factory=lambda: [_Sums(), _Sums()])  # measuring phase
+    chosen: bool | None = None  # None while measuring
+    recent: deque[tuple[float, float]] = field(default_factory=deque)  # chosen kind's steps
+    probe: _Sums | None = None  # the other kind's steps during and right after a probe
+    probe_left: int = 0
+    streak: int = 0
+    interval: int = 0
+    # a probe that said "switch", waiting for the next one to agree: (its steps, before)
+    pending: tuple[_Sums, _Sums] | None = None
+
+
 class SpecGate:
     """Batch-level switch: speculate on a step only where it measurably pays.
 
     Per-sequence acceptance (`SpecController`) says how many tokens a verify pass would
     emit, not what the pass costs: a wider target pass can leave a fast small-batch kernel
     (e.g. the int4 path for steps of <= 8 tokens), and drafting costs time too. So the gate
-    measures output tokens per second of the two kinds of decode step, separately per batch
-    size (exactly up to `exact_batch_sizes`, then in power-of-two buckets 9-16, 17-32, ...):
-    plain steps emit one token per sequence, speculative steps what verification accepted
-    plus one. Sizes are kept apart because a plain step of 8 sequences emits ~25 % more
-    tokens/s than one of 5 here; pooled, whichever kind happened to run at the larger
-    batches looked faster. A rate is the EWMA of tokens per step over the EWMA of seconds
-    per step (weight `alpha` on the newest step).
+    measures output tokens per second of the two kinds of decode step (plain steps emit
+    one token per sequence, speculative steps what verification accepted plus one),
+    separately per batch size: exactly up to `exact_batch_sizes`, then in power-of-two
+    buckets (9-16, 17-32, ...). Sizes are kept apart because a plain step of 8 sequences
+    emits ~25 % more tokens/s than one of 5 here; pooled, whichever kind happened to run at
+    the larger batches looked faster.
 
-    * Until a batch size has `min_samples` measurements of each kind, the gate alternates
-      to collect them (speculative first).
-    * Then it speculates only if that is faster than plain decoding by `min_gain` (5 %):
-      the two errors do not cost alike. Where both are level (a full-depth draft at batch
-      8) a wrong "on" pays k+1 draft passes per step for nothing, while a wrong "off" only
-      forgoes a gain that small; and two rates measured at different moments differ by a
-      few percent on a shared CPU anyway.
-    * After `probe_every` steps of one kind it runs `probe_len` steps of the other, so a
-      change (the text became predictable, the batch composition moved) is noticed: that is
-      "back on when it would pay".
+    Comparisons are paired: the two kinds are only ever compared over steps run next to
+    each other. A shared CPU drifts by ±30 % over minutes and a step's cost grows with its
+    sequences' context, so a rate kept from a while ago is not comparable with one
+    measured now; comparing the kind in use (always fresh) with a stale one made the gate
+    flip whenever the machine slowed down, and at batch 8 that ran a full-depth draft
+    ~20 % slower than plain decoding for half the steps.
+
+    * Measuring: until a batch size has `min_samples` steps of each kind, the gate
+      alternates (speculative first), then chooses on those interleaved steps.
+    * It speculates only if that is faster than plain decoding by `min_gain` (5 %): the
+      two errors do not cost alike. Where both are level a wrong "on" pays k+1 draft passes
+      per step for nothing, a wrong "off" forgoes at most that 5 %.
+    * Probing: after `probe_every` steps of the chosen kind it runs `probe_len` steps of
+      the other and compares them with the chosen kind's `2 * probe_len` steps just
+      before: "back on when it would pay" (the text became predictable) and off again.
+    * Switching takes two probes in a row that say so: a probe whose verdict differs from
+      the choice is followed by a second one right after `2 * probe_len` steps, and the
+      two are judged together. A probe of 3 steps is short enough to be fresh, and short
+      enough for one lucky step (a whole draft accepted) to decide it.
     * A probe that leaves the choice as it was doubles that size's probe interval (up to
       `max_backoff` times `probe_every`): probing a kind that keeps losing is a cost paid
       for nothing (at batch 8 a speculative step can take four plain ones). A probe that
       flips the choice resets the interval.
+
+    `rate()` reports an EWMA (weight `alpha`) of each kind for observability; decisions
+    do not use it.
     """
 
     def __init__(
@@ -169,15 +214,7 @@ class SpecGate:
         self.max_backoff = max_backoff
         self.min_gain = min_gain
         self.exact_batch_sizes = exact_batch_sizes
-        # per batch key, for plain (index 0) and speculative (1) steps: [EWMA of output
-        # tokens per step, EWMA of seconds per step, samples]. Their ratio is the rate: a
-        # ratio of means, so one lucky step (a whole draft accepted) moves it by its tokens,
-        # not by its rate, and the choice does not flip on a single outlier.
-        self._rates: dict[int, list[list[float]]] = {}
-        self._streak: dict[int, int] = {}  # steps in a row of the preferred kind
-        self._probing: dict[int, int] = {}  # probe steps left
-        self._probed_choice: dict[int, bool] = {}  # the choice a running probe questions
-        self._interval: dict[int, int] = {}  # steps between probes, with backoff
+        self._buckets: dict[int, _Bucket] = {}
 
     def _key(self, num_seqs: int) -> int:
         """A batch size itself up to `exact_batch_sizes`, beyond it the power of two it
@@ -187,45 +224,90 @@ class SpecGate:
             return num_seqs
         return 1 << (num_seqs - 1).bit_length()
 
-    def _entry(self, key: int) -> list[list[float]]:
-        return self._rates.setdefault(key, [[0.0, 0.0, 0], [0.0, 0.0, 0]])
+    def _bucket(self, num_seqs: int) -> _Bucket:
+        key = self._key(num_seqs)
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(
+                recent=deque(maxlen=2 * self.probe_len), interval=self.probe_every
+            )
+        return b
+
+    def _spec_wins(self, spec: _Sums, plain: _Sums) -> bool:
+        """spec tokens/s > (1 + min_gain) * plain tokens/s, as a cross product."""
+        return spec.tokens * plain.seconds > (1.0 + self.min_gain) * plain.tokens * spec.seconds
 
     def rate(self, num_seqs: int, speculative: bool) -> float | None:
-        """Measured output tokens/s of that kind of step at this batch size, if any."""
-        tokens, seconds, n = self._entry(self._key(num_seqs))[int(speculative)]
+        """EWMA output tokens/s of that kind of step at this batch size, if measured."""
+        tokens, seconds, n = self._bucket(num_seqs).ewma[int(speculative)]
         return tokens / seconds if n else None
 
     def should_speculate(self, num_seqs: int) -> bool:
-        key = self._key(num_seqs)
-        plain, spec = self._entry(key)
-        if spec[2] < self.min_samples or plain[2] < self.min_samples:
-            return spec[2] <= plain[2]
-        # spec tokens/s > (1 + min_gain) * plain tokens/s, as a cross product
-        best = spec[0] * plain[1] > (1.0 + self.min_gain) * plain[0] * spec[1]
-        if self._probing.get(key, 0) > 0:
-            self._probing[key] -= 1
-            return not best
-        if key in self._probed_choice:  # a probe just ended: did it change the choice?
-            interval = self._interval.get(key, self.probe_every)
-            kept = self._probed_choice.pop(key) == best
-            self._interval[key] = (
-                min(2 * interval, self.max_backoff * self.probe_every) if kept else self.probe_every
-            )
-        self._streak[key] = self._streak.get(key, 0) + 1
-        if self._streak[key] >= self._interval.get(key, self.probe_every):
-            self._streak[key] = 0
-            self._probing[key] = self.probe_len
-            self._probed_choice[key] = best
-        return best
+        b = self._bucket(num_seqs)
+        if b.chosen is None:
+            plain, spec = b.first
+            if spec.steps < self.min_samples or plain.steps < self.min_samples:
+                return spec.steps <= plain.steps
+            b.chosen = self._spec_wins(spec, plain)
+        if b.probe_left > 0:
+            b.probe_left -= 1
+            return not b.chosen
+        if b.probe is not None:  # a probe just ended: compare it with the steps before it
+            self._judge_probe(b)
+        b.streak += 1
+        if b.streak >= b.interval:
+            b.streak = 0
+            b.probe_left = self.probe_len
+            b.probe = _Sums()
+        return b.chosen
+
+    def _judge_probe(self, b: _Bucket) -> None:
+        probe, b.probe = b.probe, None
+        assert probe is not None and b.chosen is not None
+        if probe.steps == 0 or not b.recent:  # e.g. no draft matched: nothing to compare
+            return
+        before = _Sums()
+        for tokens, seconds in b.recent:
+            before.add(tokens, seconds)
+        if b.pending is not None:  # the second probe: judge both together
+            first_probe, first_before = b.pending
+            b.pending = None
+            for total, part in ((probe, first_probe), (before, first_before)):
+                total.tokens += part.tokens
+                total.seconds += part.seconds
+                total.steps += part.steps
+            second = True
+        else:
+            second = False
+        spec, plain = (probe, before) if not b.chosen else (before, probe)
+        wins = self._spec_wins(spec, plain)
+        if wins == b.chosen:
+            b.interval = min(2 * b.interval, self.max_backoff * self.probe_every)
+            return
+        if not second:  # probe again soon, once the chosen kind's window has refilled
+            b.pending = (probe, before)
+            b.streak = max(0, b.interval - 2 * self.probe_len)
+            return
+        b.chosen = wins
+        b.interval = self.probe_every
+        b.recent.clear()  # the probe's steps are the new kind's freshest measurement
+        b.recent.append((probe.tokens / probe.steps, probe.seconds / probe.steps))
 
     def observe(self, num_seqs: int, speculative: bool, num_tokens: int, duration_s: float) -> None:
         """One decode step happened: `num_tokens` output tokens in `duration_s`."""
         if duration_s <= 0.0:
             return
-        slot = self._entry(self._key(num_seqs))[int(speculative)]
+        b = self._bucket(num_seqs)
+        slot = b.ewma[int(speculative)]
         if slot[2] == 0:
             slot[0], slot[1] = float(num_tokens), duration_s
         else:
             slot[0] += self.alpha * (num_tokens - slot[0])
             slot[1] += self.alpha * (duration_s - slot[1])
         slot[2] += 1
+        if b.chosen is None:
+            b.first[int(speculative)].add(num_tokens, duration_s)
+        elif speculative == b.chosen:
+            b.recent.append((num_tokens, duration_s))
+        elif b.probe is not None:
+            b.probe.add(num_tokens, duration_s)

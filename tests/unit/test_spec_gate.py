@@ -58,7 +58,9 @@ def test_a_probe_that_flips_the_choice_resets_the_interval() -> None:
     picks = _drive(gate, 1, spec_rate=80, plain_rate=20, steps=100)
     first_on = picks.index(True)
     assert first_on <= 80  # the next probe comes at the latest after the longest interval
-    later = picks[first_on + 3 :]
+    # a switch takes two probes that agree: the second follows 2 * probe_len steps later
+    assert picks[first_on : first_on + 12] == [True] * 3 + [False] * 6 + [True] * 3
+    later = picks[first_on + 12 :]
     assert later.count(True) >= 0.8 * len(later)
     # probing plain decoding again starts from the base interval, not the backed-off one
     assert _probe_starts(later, False)[0] <= 12
@@ -80,7 +82,7 @@ def test_comes_back_on_when_speculation_starts_to_pay() -> None:
     picks = _drive(gate, 1, spec_rate=10, plain_rate=20, steps=30)
     assert picks[-10:].count(False) >= 7
     # the text became predictable: speculative steps now emit 4x the tokens
-    picks = _drive(gate, 1, spec_rate=80, plain_rate=20, steps=30)
+    picks = _drive(gate, 1, spec_rate=80, plain_rate=20, steps=40)
     assert picks[-20:].count(True) >= 14  # on, apart from its own probes of plain steps
 
 
@@ -141,3 +143,48 @@ def test_larger_batches_share_power_of_two_buckets() -> None:
     gate.observe(16, False, 18, 1.0)
     assert gate.rate(12, speculative=False) == pytest.approx(10.8)  # 9 + 0.2 * (18 - 9)
     assert gate.rate(17, speculative=False) is None
+
+
+def _runs(picks: list[bool], kind: bool) -> list[int]:
+    """Lengths of the stretches of `kind` in `picks`."""
+    runs, n = [], 0
+    for p in [*picks, not kind]:
+        if p is kind:
+            n += 1
+        elif n:
+            runs.append(n)
+            n = 0
+    return runs
+
+
+def test_compares_kinds_over_adjacent_steps_not_stale_rates() -> None:
+    """The machine slows down steadily (a neighbour on the host, longer contexts) while
+    speculation stays 20 % slower than plain decoding at every moment. Compared with its
+    own rate from the last probe, plain decoding keeps looking slower than it was, so a
+    gate on remembered rates switches speculation on between probes."""
+    gate = SpecGate(min_samples=2, probe_every=10, probe_len=3)
+    picks = []
+    for step in range(400):
+        slowdown = 1.0 + 0.01 * step
+        spec = gate.should_speculate(8)
+        picks.append(spec)
+        gate.observe(8, spec, 8, (1.0 if spec else 0.8) * slowdown)
+    assert set(_runs(picks[4:], True)) == {3}  # speculation ran only as 3-step probes
+
+
+def test_one_probe_does_not_switch_but_two_that_agree_do() -> None:
+    gate = SpecGate(min_samples=2, probe_every=10, probe_len=2)
+    _drive(gate, 8, spec_rate=50, plain_rate=100, steps=30)  # off
+    picks = []
+    lucky = True
+    for _ in range(30):  # one lucky probe of speculation, then the usual losing steps
+        spec = gate.should_speculate(8)
+        picks.append(spec)
+        if spec and lucky:
+            gate.observe(8, True, 180, 1.0)  # this probe alone: 115 tok/s > plain's 100
+            lucky = False
+        else:
+            gate.observe(8, spec, 50 if spec else 100, 1.0)
+    starts = _probe_starts(picks, True)
+    assert len(starts) >= 2 and starts[1] - starts[0] == 2 + 4  # re-probed at once
+    assert picks[starts[1] + 2 :].count(True) == 0  # together they said no: still off
