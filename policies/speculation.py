@@ -129,6 +129,11 @@ class _Sums:
         self.seconds += seconds
         self.steps += 1
 
+    def merge(self, other: _Sums) -> None:
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+        self.steps += other.steps
+
 
 @dataclass(slots=True)
 class _Bucket:
@@ -269,16 +274,12 @@ class SpecGate:
         before = _Sums()
         for tokens, seconds in b.recent:
             before.add(tokens, seconds)
+        second = b.pending is not None
         if b.pending is not None:  # the second probe: judge both together
             first_probe, first_before = b.pending
             b.pending = None
-            for total, part in ((probe, first_probe), (before, first_before)):
-                total.tokens += part.tokens
-                total.seconds += part.seconds
-                total.steps += part.steps
-            second = True
-        else:
-            second = False
+            probe.merge(first_probe)
+            before.merge(first_before)
         spec, plain = (probe, before) if not b.chosen else (before, probe)
         wins = self._spec_wins(spec, plain)
         if wins == b.chosen:
