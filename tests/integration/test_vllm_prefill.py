@@ -10,20 +10,17 @@ absent; `make test-vllm` creates it and runs this file.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import ray
 
 from serving.models.pull import ensure_default_model
 from tests.integration.conftest import MODEL
+from tests.integration.vllm_venv import ROOT, VLLM_PYTHON, needs_vllm, vllm_env
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 MESSAGES = [
     "Tell me a long story about a dragon who learns to read.",
     "Name three rivers in Europe and say where they flow.",
@@ -31,25 +28,6 @@ MESSAGES = [
 ]
 NUM_TOKENS = 16
 BLOCK_SIZE = 16
-
-
-def _vllm_env() -> dict[str, str]:
-    cores = os.cpu_count() or 1
-    return os.environ | {
-        "PYTHONPATH": str(ROOT),
-        "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_USE_AOT_COMPILE": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-    }
-
-
-needs_vllm = pytest.mark.skipif(
-    not VLLM_PYTHON.exists(), reason="no .venv-vllm (make vllm-setup / make test-vllm)"
-)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +45,7 @@ def handoff(tokenizer_ids) -> dict:
         input=json.dumps(request),
         capture_output=True,
         text=True,
-        env=_vllm_env(),
+        env=vllm_env(),
         cwd=ROOT,
         timeout=900,
     )

