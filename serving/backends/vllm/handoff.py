@@ -4,7 +4,8 @@
 
 request: {"model_path", "prompts": [[ids...]], "num_tokens", "block_size", "decode_dtype",
 "time_prompt_tokens" (optional: also time a prefill of that many tokens on both)}.
-result: per prompt the greedy tokens of vLLM alone and of vLLM prefill → our decode, the
+result: per prompt the greedy tokens of vLLM alone and of vLLM prefill → our decode, our
+decode's logit gap to each of vLLM alone's tokens when fed them (`forced_gaps`), the
 payload's layout, and optional prefill timings. The caller (tests/integration/
 test_vllm_prefill.py, benchmarks/backend_prefill.py) judges them; nothing is asserted here.
 """
@@ -18,7 +19,8 @@ import time
 from pathlib import Path
 
 
-def _decode(model, engine_config, prompt: list[int], first: int, payload, num_tokens: int):
+def _engine_with_import(model, engine_config, prompt: list[int], first: int, payload, n: int):
+    """Our torch engine holding one sequence: the prompt's KV handed over, `first` sampled."""
     import torch
 
     from serving.engine.engine import LLMEngine
@@ -28,9 +30,7 @@ def _decode(model, engine_config, prompt: list[int], first: int, payload, num_to
 
     engine = LLMEngine(model, engine_config, model.arch.eos_token_ids)
     seq = Sequence(
-        "handoff",
-        list(prompt),
-        SamplingParams(max_tokens=num_tokens, temperature=0.0, ignore_eos=True),
+        "handoff", list(prompt), SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     )
     seq.output_token_ids = [first]
     # the torch runner imports blocks of its own dtype only: convert (vLLM's KV is bf16)
@@ -38,11 +38,37 @@ def _decode(model, engine_config, prompt: list[int], first: int, payload, num_to
     dtype = getattr(torch, engine_config.kv_dtype)
     seq.kv_import = KVPayload(layout, payload.num_tokens, [b.to(dtype) for b in payload.blocks])
     engine.add_request(seq)
+    return engine
+
+
+def _decode(model, engine_config, prompt: list[int], first: int, payload, num_tokens: int):
+    engine = _engine_with_import(model, engine_config, prompt, first, payload, num_tokens)
     tokens = [first]
     while engine.has_unfinished():
         for out in engine.step():
             tokens += out.new_token_ids
     return tokens[:num_tokens]
+
+
+def _forced_gaps(model, engine_config, prompt: list[int], payload, reference: list[int]):
+    """Our decode from the handed-over KV, fed `reference` (vLLM alone's tokens) instead of
+    its own picks: per decode step, how far below our top logit vLLM's next token lies (0:
+    it is our greedy pick too). Free-running tokens stop telling anything after the first
+    near-tie two bf16 kernels break differently; this checks every step."""
+    import torch
+
+    engine = _engine_with_import(
+        model, engine_config, prompt, reference[0], payload, len(reference)
+    )
+    gaps = []
+    with torch.inference_mode():
+        for token in reference[1:]:
+            batch = engine.scheduler.schedule()
+            plan = engine.staged.plan(batch.seqs) if engine.staged.states else None
+            logits = engine.runner.execute(batch, plan, -1)[0]
+            gaps.append(float(logits.max() - logits[token]))
+            engine._update(batch, [token])  # the engine's bookkeeping, with vLLM's token
+    return gaps
 
 
 def _time_prefill(
@@ -100,10 +126,12 @@ def main() -> None:
         alone = vllm_prefill.generate(prompt, req["num_tokens"])
         first, payload = vllm_prefill.prefill(prompt)
         handoff = _decode(model, engine_config, prompt, first, payload, req["num_tokens"])
+        gaps = _forced_gaps(model, engine_config, prompt, payload, alone)
         results.append(
             {
                 "vllm": alone,
                 "handoff": handoff,
+                "forced_gaps": gaps,
                 "num_tokens": payload.num_tokens,
                 "num_blocks": payload.num_blocks,
                 "layout": payload.layout.__repr__(),
