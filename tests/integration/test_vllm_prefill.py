@@ -6,7 +6,7 @@ a subprocess (`serving.backends.vllm.handoff`): vLLM prefills with our KV connec
 block format and imported by our torch engine, which decodes. Fed vLLM's tokens, our decode
 picks each of them as well, except near-ties of bf16 logits (which vLLM's CPU kernel, chosen
 by ISA, may break the other way); a KV read wrongly misses by whole logits (measured: 1 to
-20 at 43 of 45 steps with the "amx" layout read as "vec"). Skipped when .venv-vllm is
+21 logits at 44 of 45 steps with the "vec" layout read as "amx"). Skipped when .venv-vllm is
 absent; `make test-vllm` creates it and runs this file.
 """
 
