@@ -18,6 +18,7 @@ import subprocess
 import pytest
 import ray
 
+from serving.config import ModelSettings
 from serving.models.pull import ensure_default_model
 from tests.integration.conftest import MODEL
 from tests.integration.vllm_venv import ROOT, VLLM_PYTHON, needs_vllm, vllm_env
@@ -48,6 +49,9 @@ def handoff(tokenizer_ids) -> dict:
         "num_tokens": NUM_TOKENS,
         "block_size": BLOCK_SIZE,
         "decode_dtype": "bfloat16",
+        # decode as the app's decode replica does (its int4 path by default), so that the
+        # app test below compares texts made by the same kernels
+        "int4_max_tokens": ModelSettings().int4_max_tokens,
     }
     proc = subprocess.run(
         [str(VLLM_PYTHON), "-m", "serving.backends.vllm.handoff"],
