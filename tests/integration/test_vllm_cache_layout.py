@@ -9,13 +9,11 @@ connector that would scramble the KV on a machine with it. Runs in `.venv-vllm`
 
 from __future__ import annotations
 
-import json
 import platform
-import subprocess
 
 import pytest
 
-from tests.integration.vllm_venv import ROOT, VLLM_PYTHON, needs_vllm, vllm_env
+from tests.integration.vllm_venv import ROOT, needs_vllm, run_in_vllm_venv
 
 pytestmark = pytest.mark.integration
 
@@ -24,17 +22,7 @@ X86_ISAS = {"vec", "vec16", "amx"}
 
 @pytest.fixture(scope="module")
 def layout_check() -> dict:
-    proc = subprocess.run(
-        [str(VLLM_PYTHON), str(ROOT / "tests" / "integration" / "vllm_cache_layout_check.py")],
-        capture_output=True,
-        text=True,
-        env=vllm_env(),
-        cwd=ROOT,
-        timeout=300,
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("INFEROS-RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1].removeprefix("INFEROS-RESULT "))
+    return run_in_vllm_venv([str(ROOT / "tests" / "integration" / "vllm_cache_layout_check.py")])
 
 
 @needs_vllm

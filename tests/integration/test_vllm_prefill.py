@@ -13,7 +13,6 @@ absent; `make test-vllm` creates it and runs this file.
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import ray
@@ -21,7 +20,7 @@ import ray
 from serving.config import ModelSettings
 from serving.models.pull import ensure_default_model
 from tests.integration.conftest import MODEL
-from tests.integration.vllm_venv import ROOT, VLLM_PYTHON, needs_vllm, vllm_env
+from tests.integration.vllm_venv import ROOT, needs_vllm, run_in_vllm_venv
 
 pytestmark = pytest.mark.integration
 
@@ -53,18 +52,9 @@ def handoff(tokenizer_ids) -> dict:
         # app test below compares texts made by the same kernels
         "int4_max_tokens": ModelSettings().int4_max_tokens,
     }
-    proc = subprocess.run(
-        [str(VLLM_PYTHON), "-m", "serving.backends.vllm.handoff"],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        env=vllm_env(),
-        cwd=ROOT,
-        timeout=900,
+    return run_in_vllm_venv(
+        ["-m", "serving.backends.vllm.handoff"], stdin=json.dumps(request), timeout=900
     )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("INFEROS-RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1].removeprefix("INFEROS-RESULT "))
 
 
 @needs_vllm

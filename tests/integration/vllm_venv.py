@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
-from pathlib import Path
+import subprocess
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+from serving.backends.vllm_env import ROOT, vllm_python, vllm_runtime_env
+
+VLLM_PYTHON = vllm_python()
+RESULT_PREFIX = "INFEROS-RESULT "
 
 needs_vllm = pytest.mark.skipif(
     not VLLM_PYTHON.exists(), reason="no .venv-vllm (make vllm-setup / make test-vllm)"
@@ -16,16 +19,23 @@ needs_vllm = pytest.mark.skipif(
 
 
 def vllm_env() -> dict[str, str]:
-    """Environment for a `.venv-vllm` subprocess: this checkout importable, all cores for
-    vLLM's OpenMP threads (its default binds one), nothing fetched from a hub."""
-    cores = os.cpu_count() or 1
-    return os.environ | {
-        "PYTHONPATH": str(ROOT),
-        "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_USE_AOT_COMPILE": "0",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_NO_USAGE_STATS": "1",
-    }
+    """Environment for a `.venv-vllm` subprocess: a vllm replica's (this checkout
+    importable, nothing fetched from a hub), with all cores for vLLM's OpenMP threads."""
+    return os.environ | vllm_runtime_env(os.cpu_count() or 1)["env_vars"]
+
+
+def run_in_vllm_venv(args: list[str], stdin: str | None = None, timeout: float = 300) -> dict:
+    """Run `python args...` under `.venv-vllm` and return the JSON of its last
+    `INFEROS-RESULT` line; fails the test with its stderr if there is none."""
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=vllm_env(),
+        cwd=ROOT,
+        timeout=timeout,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1].removeprefix(RESULT_PREFIX))

@@ -117,9 +117,10 @@ class InferosStoreConnector(KVConnectorBase_V1):
         if match is None:
             return
         layer = int(match.group(1))
+        layout = layer_layout(layer_name, kv_layer)
         for save in meta.saves:
             SAVED.setdefault(save.req_id, {})[layer] = gather_block_tokens(
-                kv_layer, layer_layout(layer_name, kv_layer), save.block_ids, save.num_tokens
+                kv_layer, layout, save.block_ids, save.num_tokens
             )
 
     def wait_for_save(self) -> None:
