@@ -6,7 +6,8 @@ request: {"model_path", "prompts": [[ids...]], "num_tokens", "block_size", "deco
 "int4_max_tokens" (optional, 0 = off), "time_prompt_tokens" (optional: also time a prefill
 of that many tokens on both)}.
 result: per prompt the greedy tokens of vLLM alone and of vLLM prefill → our decode, our
-decode's logit gap to each of vLLM alone's tokens when fed them (`forced_gaps`), the
+decode's logit gap to each of vLLM alone's tokens when fed them (`forced_gaps`) and its own
+greedy pick at each of those steps (`forced_picks`), the
 payload's layout, and optional prefill timings. The caller (tests/integration/
 test_vllm_prefill.py, benchmarks/backend_prefill.py) judges them; nothing is asserted here.
 """
@@ -51,25 +52,31 @@ def _decode(model, engine_config, prompt: list[int], first: int, payload, num_to
     return tokens[:num_tokens]
 
 
-def _forced_gaps(model, engine_config, prompt: list[int], payload, reference: list[int]):
+def _forced_gaps(
+    model, engine_config, prompt: list[int], payload, reference: list[int]
+) -> tuple[list[float], list[int]]:
     """Our decode from the handed-over KV, fed `reference` (vLLM alone's tokens) instead of
-    its own picks: per decode step, how far below our top logit vLLM's next token lies (0:
-    it is our greedy pick too). Free-running tokens stop telling anything after the first
-    near-tie two bf16 kernels break differently; this checks every step."""
+    its own picks: per decode step, how far below our top logit vLLM's next token lies, and
+    our own greedy pick there. Free-running tokens stop telling anything after the first
+    near-tie two bf16 kernels break differently; this checks every step.
+
+    A gap of 0 does not mean our pick is vLLM's token: bf16 logits near 20 are 0.125 apart,
+    so two tokens can tie exactly, and argmax takes the lower id. Hence the picks too."""
     import torch
 
     engine = _engine_with_import(
         model, engine_config, prompt, reference[0], payload, len(reference)
     )
-    gaps = []
+    gaps, picks = [], []
     with torch.inference_mode():
         for token in reference[1:]:
             batch = engine.scheduler.schedule()
             plan = engine.staged.plan(batch.seqs) if engine.staged.states else None
             logits = engine.runner.execute(batch, plan, -1)[0]
             gaps.append(float(logits.max() - logits[token]))
+            picks.append(int(logits.argmax()))  # the greedy sampler's rule (first max)
             engine._update(batch, [token])  # the engine's bookkeeping, with vLLM's token
-    return gaps
+    return gaps, picks
 
 
 def _time_prefill(
@@ -129,12 +136,13 @@ def main() -> None:
         alone = vllm_prefill.generate(prompt, req["num_tokens"])
         first, payload = vllm_prefill.prefill(prompt)
         handoff = _decode(model, engine_config, prompt, first, payload, req["num_tokens"])
-        gaps = _forced_gaps(model, engine_config, prompt, payload, alone)
+        gaps, picks = _forced_gaps(model, engine_config, prompt, payload, alone)
         results.append(
             {
                 "vllm": alone,
                 "handoff": handoff,
                 "forced_gaps": gaps,
+                "forced_picks": picks,
                 "num_tokens": payload.num_tokens,
                 "num_blocks": payload.num_blocks,
                 "layout": payload.layout.__repr__(),
