@@ -1,21 +1,18 @@
 """Ingress deployment: the OpenAI-compatible HTTP API in front of prefill and decode.
 
-Per request: validate → tokenize (chat template) → admission → scheduler.route →
+Per request: validate, tokenize (`serving.api.prepare`) → admission → scheduler.route →
 prefill (first token, KV into the store) → decode (streamed back through `DecodeMux`) →
-detokenize, stop strings → SSE or one JSON body.
+detokenize, stop strings → SSE or one JSON body. Errors: `serving.api.http_errors`.
 """
 
 import asyncio
 import contextvars
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
@@ -27,19 +24,18 @@ from deployments.decode_mux import DecodeMux
 from deployments.sessions import conversation_start, session_id
 from serving.api.detokenizer import IncrementalDetokenizer
 from serving.api.errors import (
-    BadRequest,
-    ContextLengthExceeded,
     RequestTimeout,
     ServeError,
     TooManyRequests,
     Unauthorized,
     Unavailable,
-    UnknownModel,
+    is_server_fault,
 )
-from serving.api.protocol import ChatCompletionRequest, CompletionRequest, read_json_body
-from serving.api.responses import SSE_DONE, ResponseBuilder, Usage, sse_error
+from serving.api.http_errors import install_error_handlers, internal_error
+from serving.api.prepare import ModelInfo, Prepared, prepare
+from serving.api.protocol import read_json_body
+from serving.api.responses import SSE_DONE, Usage, sse_error
 from serving.config import InferosConfig
-from serving.engine.sampling_params import SamplingParams
 from serving.logging_setup import configure_logging
 from serving.messages import DecodeRequest, PrefillRequest, RoutePlan, TokenDelta
 from serving.metrics import FrontendMetrics
@@ -48,12 +44,7 @@ from serving.models.hf_folder import resolve_model_path, served_model_name
 logger = logging.getLogger(__name__)
 app = FastAPI(title="Infer-OS Serve")
 app.include_router(control_router)  # control API (/v1/policy, ...) and the console at /
-
-
-@app.exception_handler(ServeError)
-async def _serve_error(_: Request, exc: ServeError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, TooManyRequests) else None
-    return JSONResponse(exc.body(), status_code=exc.http_status, headers=headers)
+install_error_handlers(app)  # OpenAI-shaped JSON for every error, counted per status
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -70,21 +61,6 @@ class ClosingStreamingResponse(StreamingResponse):
                 await aclose()
 
 
-@dataclass(slots=True)
-class Prepared:
-    """A validated request, ready to run."""
-
-    req_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    builder: ResponseBuilder
-    stream: bool
-    include_usage: bool
-    user: str | None = None
-    conversation_start: str = ""  # what every turn of one conversation starts with
-    session_id: str | None = None  # routing affinity across a conversation's turns
-
-
 @serve.ingress(app)
 class Ingress:
     def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, config: dict):
@@ -94,6 +70,7 @@ class Ingress:
         self.model_name = self.config.model.served_model_name or served_model_name(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.max_model_len = self.config.model.max_model_len
+        self.model_info = ModelInfo.of(self.model_name, self.max_model_len, self.tokenizer, path)
         self.prefill = prefill
         self.decode = decode
         self.scheduler = scheduler_actor(config)
@@ -101,6 +78,7 @@ class Ingress:
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.mux = DecodeMux(decode, self.replica_id, self._replica_lost)
         self.metrics = FrontendMetrics(self.model_name, self.replica_id)
+        app.state.metrics = self.metrics  # the error handlers count every error answered
         app.state.control = ControlAPI(
             self.config, self.model_name, self.replica_id, self.scheduler, self.kv_store,
             self.metrics,
@@ -150,38 +128,27 @@ class Ingress:
 
     async def _serve(self, request: Request, chat: bool) -> Response:
         started = time.perf_counter()
-        try:
-            self._authorize(request)
-            prepared = self._prepare(await read_json_body(request), chat)
-            prepared.session_id = session_id(request.headers, prepared)
-            if self.in_flight >= self.config.scheduling.max_pending_requests:
-                raise TooManyRequests(
-                    f"server is at its limit of {self.config.scheduling.max_pending_requests} "
-                    "requests in flight; retry shortly"
-                )
-        except ServeError as e:
-            self.metrics.error(e.http_status)
-            raise
+        self._authorize(request)
+        prepared = prepare(await read_json_body(request), chat, self.tokenizer, self.model_info)
+        prepared.conversation_start = conversation_start(prepared.request, prepared.prompt_ids)
+        prepared.session_id = session_id(request.headers, prepared)
+        if self.in_flight >= self.config.scheduling.max_pending_requests:
+            raise TooManyRequests(
+                f"server is at its limit of {self.config.scheduling.max_pending_requests} "
+                "requests in flight; retry shortly"
+            )
         # Counted out in `_generate`'s finally, which runs however the request ends: the
         # streaming response closes its generator (`ClosingStreamingResponse`), and one
         # never started is closed by asyncio when it is collected.
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         events = self._generate(prepared, started)
-        try:
-            first = await anext(events)  # routing/prefill errors surface as HTTP errors here
-        except ServeError as e:
-            self.metrics.error(e.http_status)
-            raise
+        first = await anext(events)  # routing/prefill errors surface as HTTP errors here
         if prepared.stream:
             return ClosingStreamingResponse(
                 self._sse(prepared, first, events, started), media_type="text/event-stream"
             )
-        try:
-            return JSONResponse(await self._collect(prepared, first, events, started))
-        except ServeError as e:
-            self.metrics.error(e.http_status)
-            raise
+        return JSONResponse(await self._collect(prepared, first, events, started))
 
     def _done(self) -> None:
         self.in_flight -= 1
@@ -192,71 +159,12 @@ class Ingress:
         if key and request.headers.get("authorization", "") != f"Bearer {key}":
             raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer <key>')")
 
-    def _prepare(self, body: dict, chat: bool) -> Prepared:
-        model_cls = ChatCompletionRequest if chat else CompletionRequest
-        try:
-            req = model_cls.model_validate(body)
-        except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(p) for p in err["loc"]) or None
-            raise BadRequest(
-                f"{param}: {err['msg']}" if param else err["msg"], param=param
-            ) from None
-        if req.model != self.model_name:
-            raise UnknownModel(
-                f"The model `{req.model}` does not exist; this server serves `{self.model_name}`.",
-                param="model",
-            )
-        req.check_supported()
-        if chat:
-            prompt_ids = self._chat_prompt(req)  # type: ignore[arg-type]
-            requested = req.requested_max_tokens()  # type: ignore[union-attr]
-        else:
-            prompt = req.single_prompt()  # type: ignore[union-attr]
-            prompt_ids = prompt if isinstance(prompt, list) else self.tokenizer.encode(prompt)
-            requested = req.max_tokens
-        if not prompt_ids:
-            raise BadRequest("the prompt is empty", param="prompt")
-        if any(not 0 <= t < len(self.tokenizer) for t in prompt_ids):
-            raise BadRequest("prompt token ids out of the vocabulary", param="prompt")
-        max_tokens = requested if requested is not None else self.max_model_len - len(prompt_ids)
-        if len(prompt_ids) + max_tokens > self.max_model_len or max_tokens < 1:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.max_model_len} tokens. "
-                f"However, you requested {len(prompt_ids) + max(max_tokens, 0)} tokens "
-                f"({len(prompt_ids)} in the prompt, {max_tokens} in the completion). "
-                "Please reduce the length of the prompt or completion.",
-                param="max_tokens" if requested else "messages" if chat else "prompt",
-            )
-        # The response id is the request id everywhere (logs, kv_store keys), as in vLLM.
-        req_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return Prepared(
-            req_id=req_id,
-            prompt_ids=list(prompt_ids),
-            params=req.sampling_params(max_tokens),
-            builder=ResponseBuilder(req_id, self.model_name, chat),
-            stream=req.stream,
-            include_usage=req.include_usage,
-            user=req.user,
-            conversation_start=conversation_start(req, prompt_ids),
-        )
-
-    def _chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=req.add_generation_prompt, tokenize=False
-            )
-        except Exception as e:
-            raise BadRequest(f"chat template failed: {e}", param="messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
     async def _generate(self, p: Prepared, started: float) -> AsyncIterator[TokenDelta]:
         """Routes, prefills and decodes one request; yields its token deltas."""
         plan: RoutePlan | None = None
         finished = False
         kv_key = None
-        failed = False  # a server-side failure (client errors are caught before routing)
+        failed = False  # a server-side failure: counts against the error rate (fallback)
         try:
             plan = await self.scheduler.route.remote(
                 p.req_id, len(p.prompt_ids), p.session_id
@@ -286,10 +194,11 @@ class Ingress:
                 finished = delta.finished
                 failed = failed or delta.error is not None
                 yield delta
-        except RequestTimeout:
-            raise  # load, not a malfunction: not counted against the error rate
-        except (Unavailable, RayError):
+        except RayError as e:  # a replica or actor died under the request
             failed = True
+            raise Unavailable("a replica failed while serving the request; retry") from e
+        except Exception as e:  # a timeout is load and a 4xx the client's: neither counts
+            failed = failed or is_server_fault(e)
             raise
         finally:
             self._done()
@@ -414,9 +323,10 @@ class Ingress:
             if p.include_usage:
                 yield b.usage_chunk(usage)
             self.metrics.e2e.observe(time.perf_counter() - started)
-        except ServeError as e:
-            self.metrics.error(e.http_status)
-            yield sse_error(e.message, e.error_type, e.http_status)
+        except Exception as e:  # the status is sent already: the error goes in the stream
+            err = e if isinstance(e, ServeError) else internal_error()
+            self.metrics.error(err.http_status)
+            yield sse_error(err.message, err.error_type, err.http_status)
         finally:
             await events.aclose()
         yield SSE_DONE

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.api.errors import ERROR_STATUSES
+
 P = "inferos:"
 # fmt: off
 # vLLM's bucket boundaries, so dashboards built for vLLM read ours unchanged.
@@ -96,8 +98,10 @@ class FrontendMetrics(_Instruments):
             "request_success", "Successfully finished requests.", ("finished_reason",)
         )
         self._errors = self._counter(
-            "request_errors", "Requests answered with an error.", ("code",)
+            "request_errors", "Requests answered with an error, by HTTP status.", ("code",)
         )
+        for status in ERROR_STATUSES:  # every series at 0 from the start, for dashboards
+            self._errors.labels(**lb, code=str(status))
         self.in_flight = self._gauge(
             "ingress_requests_in_flight", "Requests admitted by the ingress."
         ).labels(**lb)

@@ -30,6 +30,10 @@ class ContextLengthExceeded(BadRequest):
     code = "context_length_exceeded"
 
 
+class InvalidText(BadRequest):
+    code = "invalid_text"
+
+
 class Unauthorized(ServeError):
     http_status = 401
     error_type = "authentication_error"
@@ -48,6 +52,24 @@ class UnknownModel(ServeError):
     code = "model_not_found"
 
 
+class NotFound(ServeError):
+    http_status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(ServeError):
+    http_status = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class UnsupportedMediaType(ServeError):
+    http_status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class TooManyRequests(ServeError):
     http_status = 429
     error_type = "rate_limit_error"
@@ -63,6 +85,24 @@ class Unavailable(ServeError):
 
 class RequestTimeout(Unavailable):
     code = "request_timeout"
+
+
+class InternalServerError(ServeError):
+    code = "internal_error"
+
+
+# Every status the API answers errors with: `inferos:request_errors_total` has a series
+# for each from the start (at 0), so dashboards show a healthy server as 0, not "No data".
+ERROR_STATUSES = (400, 401, 403, 404, 405, 415, 429, 500, 503)
+
+
+def is_server_fault(exc: BaseException) -> bool:
+    """Whether a failed request counts against the server's error rate (the control loops'
+    fallback): a client's mistake (4xx) or a timeout under load does not; anything else
+    (503 from a dead replica, an unexpected exception) does."""
+    if isinstance(exc, ServeError):
+        return exc.http_status >= 500 and not isinstance(exc, RequestTimeout)
+    return True
 
 
 def error_body(message: str, error_type: str, param: str | None, code: str | int | None) -> dict:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+import re
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serving.api.errors import BadRequest
+from serving.api.errors import BadRequest, InvalidText, UnsupportedMediaType
 from serving.engine.sampling_params import SamplingParams
 
 
@@ -28,6 +30,7 @@ class _SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) → bias
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
@@ -53,6 +56,8 @@ class _SamplingFields(BaseModel):
                 "presence_penalty and frequency_penalty are not supported yet; leave them at 0",
                 param="presence_penalty" if self.presence_penalty else "frequency_penalty",
             )
+        if self.logit_bias:  # refused rather than silently ignored: it changes the output
+            raise BadRequest("logit_bias is not supported yet; leave it out", param="logit_bias")
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -142,12 +147,65 @@ class ChatCompletionRequest(_SamplingFields):
         return self.max_completion_tokens or self.max_tokens
 
 
-async def read_json_body(request) -> dict:
-    """The body of a Starlette request as a JSON object, or a 400."""
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """Where (a dotted path, "" for the top level) the first string holding a lone UTF-16
+    surrogate is, or None. JSON may escape one (`"\\ud800"`), but it is no Unicode text:
+    it cannot be encoded as UTF-8, so the tokenizer and the response renderer would fail."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:  # iterative: the body may be nested as deep as the JSON parser allows
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if _LONE_SURROGATE.search(v):
+                return path
+        elif isinstance(v, dict):
+            for key, item in v.items():
+                where = f"{path}.{key}" if path else str(key)
+                if _LONE_SURROGATE.search(key):
+                    return path
+                stack.append((where, item))
+        elif isinstance(v, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(v))
+    return None
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """`application/json` (any parameters, e.g. charset) or `application/<x>+json`."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+def parse_json_body(raw: bytes, content_type: str | None) -> dict:
+    """A request body as a JSON object of valid Unicode text, or a 4xx.
+
+    Only JSON is accepted (415 otherwise, a missing Content-Type included): a web page can
+    send `text/plain`, a form or a typeless body to any address without the browser asking
+    the server first (CORS "simple" requests), but not `application/json`."""
+    if not is_json_media_type(content_type):
+        raise UnsupportedMediaType(
+            f"Content-Type {(content_type or '(none)')[:100]!r} is not supported; "
+            "send the body as JSON with 'Content-Type: application/json'"
+        )
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except Exception:
         raise BadRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    where = lone_surrogate_at(body)
+    if where is not None:
+        raise InvalidText(
+            f"{where or 'the body'}: not valid Unicode text (it holds a lone UTF-16 "
+            "surrogate such as \\ud800); send well-formed UTF-8",
+            param=where or None,
+        )
     return body
+
+
+async def read_json_body(request) -> dict:
+    """The body of a Starlette request as a JSON object (`parse_json_body`), or a 4xx."""
+    return parse_json_body(await request.body(), request.headers.get("content-type"))

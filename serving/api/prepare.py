@@ -1,0 +1,165 @@
+"""Validation of one OpenAI request before anything runs (pure: no Ray, no HTTP).
+
+    prepare(body, chat, tokenizer, model) -> Prepared
+        fields parse (400 naming the field) -> the model is ours (404) -> options we
+        support (400) -> token ids within the vocabulary (400: `stop_token_ids`, a prompt
+        of ids) -> chat template, tokenize -> prompt + max_tokens within the context (400
+        `context_length_exceeded`)
+
+Whatever a client can get wrong is refused here with a 4xx, before routing: nothing it
+sends reaches an engine step shared with other requests (an out-of-vocabulary stop token
+id with `min_tokens` made the step raise and failed the whole batch), and a client's
+mistake never counts against the server's error rate.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from serving.api.errors import BadRequest, ContextLengthExceeded, UnknownModel
+from serving.api.protocol import ChatCompletionRequest, CompletionRequest
+from serving.api.responses import ResponseBuilder
+from serving.engine.sampling_params import SamplingParams
+
+MAX_ECHOED_CHARS = 64  # of a client's string quoted back in an error message
+
+OpenAIRequest = ChatCompletionRequest | CompletionRequest
+
+
+class Tokenizer(Protocol):
+    """The part of a Hugging Face tokenizer that validation uses."""
+
+    def __len__(self) -> int: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def apply_chat_template(self, conversation: list[dict], **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What validation needs to know of the served model."""
+
+    name: str
+    max_model_len: int
+    vocab_size: int  # token ids in [0, vocab_size) are valid wherever a request gives ids
+
+    @classmethod
+    def of(cls, name: str, max_model_len: int, tokenizer: Tokenizer, folder: Path) -> ModelInfo:
+        """The vocabulary is what both the tokenizer and the model know: ids past the
+        tokenizer cannot be detokenized, ids past the model's logits cannot be indexed."""
+        vocab_size = len(tokenizer)
+        config = folder / "config.json"
+        if config.is_file():
+            model_vocab = json.loads(config.read_text()).get("vocab_size", vocab_size)
+            vocab_size = min(vocab_size, model_vocab)
+        return cls(name, max_model_len, vocab_size)
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated request, ready to run."""
+
+    req_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    builder: ResponseBuilder
+    stream: bool
+    include_usage: bool
+    request: OpenAIRequest
+    user: str | None = None
+    conversation_start: str = ""  # what every turn of one conversation starts with
+    session_id: str | None = None  # routing affinity across a conversation's turns
+
+
+def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> Prepared:
+    """Validate `body` (a JSON object) as a chat or completion request; raises a
+    `ServeError` with a 4xx status for anything wrong."""
+    req = parse_request(body, chat)
+    if req.model != model.name:
+        raise UnknownModel(
+            f"The model `{_clip(req.model)}` does not exist; this server serves `{model.name}`.",
+            param="model",
+        )
+    req.check_supported()
+    check_token_ids(req.stop_token_ids or (), model.vocab_size, "stop_token_ids")
+    if isinstance(req, ChatCompletionRequest):
+        prompt_ids = chat_prompt_ids(req, tokenizer)
+        requested = req.requested_max_tokens()
+    else:
+        prompt = req.single_prompt()
+        if isinstance(prompt, list):
+            check_token_ids(prompt, model.vocab_size, "prompt")
+            prompt_ids = list(prompt)
+        else:
+            prompt_ids = tokenizer.encode(prompt)
+        requested = req.max_tokens
+    if not prompt_ids:
+        raise BadRequest("the prompt is empty", param="prompt")
+    max_tokens = check_context(len(prompt_ids), requested, model.max_model_len, chat)
+    # The response id is the request id everywhere (logs, kv_store keys), as in vLLM.
+    req_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    return Prepared(
+        req_id=req_id,
+        prompt_ids=prompt_ids,
+        params=req.sampling_params(max_tokens),
+        builder=ResponseBuilder(req_id, model.name, chat),
+        stream=req.stream,
+        include_usage=req.include_usage,
+        request=req,
+        user=req.user,
+    )
+
+
+def parse_request(body: dict, chat: bool) -> OpenAIRequest:
+    """The pydantic model of `body`; the first field error as a 400 naming that field."""
+    model_cls = ChatCompletionRequest if chat else CompletionRequest
+    try:
+        return model_cls.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(p) for p in err["loc"]) or None
+        raise BadRequest(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+
+
+def check_token_ids(ids: list[int] | tuple[int, ...], vocab_size: int, param: str) -> None:
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise BadRequest(
+            f"{param}: token id {_clip(str(bad))} is out of the vocabulary "
+            f"(valid ids: 0 to {vocab_size - 1})",
+            param=param,
+        )
+
+
+def chat_prompt_ids(req: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=req.add_generation_prompt, tokenize=False
+        )
+    except Exception as e:  # the template's own checks (e.g. roles must alternate)
+        raise BadRequest(f"chat template failed: {_clip(str(e), 200)}", param="messages") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_context(num_prompt: int, requested: int | None, max_model_len: int, chat: bool) -> int:
+    """max_tokens to run with: the request's, or all the context leaves; a 400 beyond it."""
+    max_tokens = requested if requested is not None else max_model_len - num_prompt
+    if num_prompt + max_tokens > max_model_len or max_tokens < 1:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens. "
+            f"However, you requested {num_prompt + max(max_tokens, 0)} tokens "
+            f"({num_prompt} in the prompt, {max_tokens} in the completion). "
+            "Please reduce the length of the prompt or completion.",
+            param="max_tokens" if requested else "messages" if chat else "prompt",
+        )
+    return max_tokens
+
+
+def _clip(text: str, limit: int = MAX_ECHOED_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
