@@ -159,6 +159,9 @@ class SchedulerActor:
             self.assignments[req_id] = (None, decode)
 
     async def finished(self, req_id: str, error: bool = False) -> None:
+        """`error`: the request failed by the server's fault, which counts toward the
+        error-rate fallback; the ingress never reports a client's 4xx or a timeout as one
+        (`serving.api.errors.is_server_fault`), and refuses most 4xx before routing."""
         self.control.record_outcome(error)
         await self.prefill_done(req_id)
         _, decode = self.assignments.pop(req_id, (None, ""))

@@ -24,6 +24,7 @@ from serving.api.errors import (
 from serving.api.http_errors import ErrorResponse, install_error_handlers
 from serving.api.prepare import ModelInfo, prepare
 from serving.api.protocol import lone_surrogate_at, parse_json_body
+from serving.api.responses import sse_error
 from serving.metrics import FrontendMetrics, merge_expositions
 
 MODEL = "m"
@@ -234,6 +235,15 @@ def test_error_response_encodes_any_text() -> None:
     body = ServeError("bad \ud800 text").body()
     raw = ErrorResponse(body, status_code=400).body
     assert json.loads(raw)["error"]["message"] == "bad \ud800 text"
+
+
+def test_an_sse_error_event_carries_the_http_status_as_its_code() -> None:
+    err = Unavailable("decode failed")
+    line = sse_error(err.message, err.error_type, err.http_status)
+    assert line.startswith("data: ") and line.endswith("\n\n")
+    body = json.loads(line.removeprefix("data: "))["error"]
+    assert body == {"message": "decode failed", "type": "service_unavailable", "param": None,
+                    "code": 503}  # fmt: skip
 
 
 def test_only_server_faults_count_against_the_error_rate() -> None:
