@@ -44,6 +44,8 @@ class EngineConfig:
     kv_profile: str = "baseline"  # staged-KV profile (policies.kv_levels.PROFILES)
     kv_unit_tokens: int = 128  # tokens quantized together (a run of whole blocks)
     kv_spill_dir: str | None = None  # where originals of demoted units go; None = a tempdir
+    # one token budget per step for decode rows and prompt chunks (where the runner can mix)
+    chunked_prefill: bool = True
 
 
 @dataclass(slots=True)
@@ -100,6 +102,9 @@ class LLMEngine:
             on_admit=self._import,
             on_release=self.staged.release,
             relieve=self.staged.relieve,
+            # a runner states it takes decode rows and prompt chunks in one forward pass
+            chunked_prefill=config.chunked_prefill
+            and getattr(self.runner, "supports_mixed_batches", False),
         )
         self.last_step: StepStats | None = None
         self.num_preemptions = 0
@@ -154,7 +159,8 @@ class LLMEngine:
         logits = self.runner.execute(batch, plan, importance_layer)
         if self.runner.last_importance is not None:
             self._record_importance(batch.seqs, self.runner.last_importance)
-        tokens = sample(logits, batch.seqs, self.eos_token_ids)
+        sampling = [batch.seqs[row] for row in batch.sampling_rows]
+        tokens = sample(logits, sampling, self.eos_token_ids) if sampling else []
         outputs = self._update(batch, tokens)
         if self.spec is not None and not batch.is_prefill:
             return self._finish_decode(batch, outputs, started)
@@ -192,9 +198,15 @@ class LLMEngine:
         self.staged.set_profile(profile, window)
 
     def _update(self, batch: SchedulerOutput, tokens: list[int]) -> list[StepOutput]:
+        """Commit one step: `tokens` are the sampled tokens of the rows that sample, in row
+        order; a prompt chunk that is not the prompt's last only counts as computed."""
         outputs = []
-        for seq, n, token in zip(batch.seqs, batch.num_scheduled_tokens, tokens, strict=True):
+        sampled = dict(zip(batch.sampling_rows, tokens, strict=True))
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled_tokens, strict=True)):
             seq.num_computed_tokens += n
+            if row not in sampled:
+                continue
+            token = sampled[row]
             seq.output_token_ids.append(token)
             reason = self._finish_reason(seq, token)
             export = None

@@ -12,6 +12,8 @@ from serving.models.llama import LlamaForCausalLM
 
 
 class ModelRunner:
+    supports_mixed_batches = True  # decode rows and prompt chunks in one forward pass
+
     def __init__(
         self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype
     ):
@@ -39,33 +41,38 @@ class ModelRunner:
     def _prepare(
         self, batch: SchedulerOutput
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Model inputs for a batch, built with a handful of tensor ops whatever its size:
+        per-token Python loops cost more than a decode step's attention at 32 sequences."""
         bs = self.block_size
+        seqs, counts = batch.seqs, batch.num_scheduled_tokens
+        starts = [seq.num_computed_tokens for seq in seqs]
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        context_lens: list[int] = []
-        for seq, n in zip(batch.seqs, batch.num_scheduled_tokens, strict=True):
-            start = seq.num_computed_tokens
+        for seq, start, n in zip(seqs, starts, counts, strict=True):
             input_ids.extend(seq.token_ids(start, start + n))
-            table = seq.block_table
-            for pos in range(start, start + n):
-                positions.append(pos)
-                slots.append(table[pos // bs] * bs + pos % bs)
-            context_lens.append(start + n)
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = torch.zeros((len(batch.seqs), max_blocks), dtype=torch.long)
-        for i, seq in enumerate(batch.seqs):
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
-        tables.clamp_(min=0)  # holes (quantized units) gather block 0, then get overwritten
+        max_blocks = max(len(s.block_table) for s in seqs)
+        # holes (quantized units, -1) gather block 0, then get overwritten
+        tables = torch.tensor(
+            [
+                [max(b, 0) for b in s.block_table] + [0] * (max_blocks - len(s.block_table))
+                for s in seqs
+            ],
+            dtype=torch.long,
+        )  # [num_seqs, max_blocks]
+        context_lens = [start + n for start, n in zip(starts, counts, strict=True)]
+        query_lens = torch.tensor(counts)
+        row = torch.repeat_interleave(torch.arange(len(seqs)), query_lens)  # [num_tokens]
+        first = torch.tensor(starts) - (query_lens.cumsum(0) - query_lens)
+        positions = first[row] + torch.arange(len(input_ids))
+        slots = tables[row, positions // bs] * bs + positions % bs
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            slot_mapping=slots,
             block_tables=tables,
             context_lens=torch.tensor(context_lens, dtype=torch.long),
-            query_lens=list(batch.num_scheduled_tokens),
+            query_lens=list(counts),
             context_lens_list=context_lens,
             all_decode=not batch.is_prefill,
         )
-        return torch.tensor(input_ids, dtype=torch.long), torch.tensor(positions), meta
+        return torch.tensor(input_ids, dtype=torch.long), positions, meta
 
     @torch.inference_mode()
     def execute(
@@ -74,7 +81,9 @@ class ModelRunner:
         staged: StagedPlan | None = None,
         importance_layer: int = -1,
     ) -> torch.Tensor:
-        """fp32 logits `[num_seqs, vocab]` at each sequence's last scheduled token.
+        """fp32 logits `[num_sampling_rows, vocab]` at the last scheduled token of each of
+        `batch.sampling_rows` (a prompt chunk short of the prompt's end has none: the LM
+        head is the largest matmul of a small model).
 
         With `importance_layer` >= 0 on a decode step, `last_importance` holds that layer's
         attention mass per logical block `[num_seqs, blocks]` afterwards."""
@@ -84,6 +93,8 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         self.last_importance = meta.importance
         last = torch.tensor(meta.query_lens).cumsum(0) - 1
+        if batch.sample_rows is not None and len(batch.sample_rows) < len(batch.seqs):
+            last = last[batch.sample_rows]
         return self.model.compute_logits(hidden[last])
 
     # --- KV exchange -------------------------------------------------------------------

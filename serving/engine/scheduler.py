@@ -1,9 +1,13 @@
 """Continuous batching: which sequences run in the next engine step.
 
-Sequences join as soon as blocks allow and leave the moment they finish. A step is either
-a prefill step (sequences with more than one token to compute, up to a token budget) or a
-decode step (every running sequence computes its one newest token). When the pool runs
-dry, the most recently admitted sequence is preempted and later recomputed.
+Sequences join as soon as blocks allow and leave the moment they finish. With
+`chunked_prefill` (vLLM v1's unified schedule) one step shares one token budget
+(`max_num_batched_tokens`) between every running sequence's newest token and chunks of
+prompts still to compute, so a new prompt never stops the running streams and a long one
+is computed over several steps. Without it (backends whose forward pass takes one kind of
+batch), a step is either a prefill step (prompts up to the budget) or a decode step
+(every running sequence's newest token). When the pool runs dry, the most recently
+admitted sequence is preempted and later recomputed.
 """
 
 from __future__ import annotations
@@ -20,8 +24,15 @@ from serving.engine.sequence import SeqStatus, Sequence
 class SchedulerOutput:
     seqs: list[Sequence]
     num_scheduled_tokens: list[int]
-    is_prefill: bool
+    is_prefill: bool  # some row computes prompt tokens (a pure decode step if False)
     preempted: list[Sequence] = field(default_factory=list)
+    # Rows that reach their sequence's newest token and so sample the next one (every
+    # decode row; a prompt chunk only if it is the prompt's last); None = every row.
+    sample_rows: list[int] | None = None
+
+    @property
+    def sampling_rows(self) -> list[int]:
+        return list(range(len(self.seqs))) if self.sample_rows is None else self.sample_rows
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -38,8 +49,10 @@ class BatchScheduler:
         on_admit: Callable[[Sequence], None] = lambda seq: None,
         on_release: Callable[[Sequence], None] = lambda seq: None,
         relieve: Callable[[list[Sequence], int], bool] = lambda seqs, n: False,
+        chunked_prefill: bool = False,
     ):
         self.pool = block_pool
+        self.chunked_prefill = chunked_prefill
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -112,6 +125,8 @@ class BatchScheduler:
 
     def schedule(self) -> SchedulerOutput | None:
         self._admit_waiting()
+        if self.chunked_prefill:
+            return self._schedule_mixed()
         prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
         if prefills:
             chosen, counts, budget = [], [], self.max_num_batched_tokens
@@ -123,8 +138,19 @@ class BatchScheduler:
                 counts.append(n)
                 budget -= n
             return SchedulerOutput(chosen, counts, is_prefill=True)
+        preempted = self._grow_decoding(list(self.running))
+        if not self.running:
+            return SchedulerOutput([], [], is_prefill=False, preempted=preempted)
+        return SchedulerOutput(
+            list(self.running), [1] * len(self.running), is_prefill=False, preempted=preempted
+        )
+
+    def _grow_decoding(self, decoding: list[Sequence]) -> list[Sequence]:
+        """Give each of `decoding` the block its newest token needs, demoting (staged KV)
+        and then preempting the most recently admitted sequences where none is free;
+        returns the preempted ones."""
         preempted: list[Sequence] = []
-        for seq in list(self.running):
+        for seq in decoding:
             if seq not in self.running:  # preempted while making room for an earlier one
                 continue
             needed = blocks_for(seq.num_tokens, self.block_size) - len(seq.block_table)
@@ -137,8 +163,33 @@ class BatchScheduler:
                     break
             if seq in self.running and needed > 0:
                 seq.block_table.extend(self.pool.allocate(needed))
-        if not self.running:
-            return SchedulerOutput([], [], is_prefill=False, preempted=preempted)
-        return SchedulerOutput(
-            list(self.running), [1] * len(self.running), is_prefill=False, preempted=preempted
-        )
+        return preempted
+
+    def _schedule_mixed(self) -> SchedulerOutput:
+        """Every decoding sequence's newest token first (a running stream never waits),
+        then prompt chunks in admission order with what is left of the token budget.
+        A prompt's blocks were all allocated at admission, so chunks need none."""
+        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        preempted = self._grow_decoding(decoding)
+        seqs: list[Sequence] = []
+        counts: list[int] = []
+        budget = self.max_num_batched_tokens
+        for seq in self.running:  # admission order; preempted ones are gone from it
+            if seq.num_uncomputed_tokens == 1:
+                seqs.append(seq)
+                counts.append(1)
+                budget -= 1
+        is_prefill = False
+        for seq in self.running:
+            n = seq.num_uncomputed_tokens
+            if n > 1 and budget > 0:
+                seqs.append(seq)
+                counts.append(min(n, budget))
+                budget -= counts[-1]
+                is_prefill = True
+        sample_rows = [
+            row
+            for row, (seq, n) in enumerate(zip(seqs, counts, strict=True))
+            if seq.num_computed_tokens + n >= seq.num_tokens
+        ]
+        return SchedulerOutput(seqs, counts, is_prefill, preempted, sample_rows)

@@ -53,6 +53,8 @@ class Sequence:
         n_prompt = len(self.prompt_token_ids)
         if end <= n_prompt:
             return self.prompt_token_ids[start:end]
+        if start >= n_prompt:  # decode: no copy of the whole history per step
+            return self.output_token_ids[start - n_prompt : end - n_prompt]
         return (self.prompt_token_ids + self.output_token_ids)[start:end]
 
     @property

@@ -46,6 +46,8 @@ class AttentionMetadata:
     # Short multi-token queries over cached contexts (speculative verification), built once
     # per forward pass by the first layer that needs them and reused by the others.
     short_queries: ShortQueries | None = None
+    # A chunked-prefill step's split into decode rows and prompt chunks, built likewise.
+    mixed: MixedRows | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -80,6 +82,24 @@ def paged_attention(
         return _decode_attention(q, layer_cache, meta, scale)
     if meta.staged is None and _short_queries_only(meta):
         return _short_query_attention(q, layer_cache, meta, scale)
+    if meta.staged is None:
+        if meta.mixed is None:
+            meta.mixed = MixedRows.build(meta)
+        if meta.mixed.decode is not None:
+            return _mixed_attention(q, k_new, v_new, layer_cache, meta, scale)
+    return _per_sequence_attention(q, k_new, v_new, layer_cache, meta, scale)
+
+
+def _per_sequence_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    layer_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """One causal attention call per sequence (prompts, or prompt chunks after a cached or
+    quantized prefix)."""
     outputs = []
     start = 0
     for i, (n, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
@@ -300,3 +320,68 @@ def masked_attention(
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
     probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
     return torch.matmul(probs.to(v.dtype), v), probs if want_probs else None
+
+
+@dataclass(slots=True)
+class MixedRows:
+    """A step of decode rows (one query token each) and prompt chunks: the decode rows'
+    own metadata, so they attend in one batched call as in a pure decode step, and where
+    their tokens sit in the flat batch. `decode` is None when the step has no decode row
+    (or only decode rows: then `all_decode` already holds)."""
+
+    decode: AttentionMetadata | None
+    decode_tokens: torch.Tensor  # [num_decode_rows] flat token index of each decode row
+    chunks: list[tuple[int, int, int, int]]  # (row, first flat token, query len, context)
+
+    @staticmethod
+    def build(meta: AttentionMetadata) -> MixedRows:
+        decode_rows, decode_tokens, chunks = [], [], []
+        start = 0
+        for row, (n, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
+            if n == 1:
+                decode_rows.append(row)
+                decode_tokens.append(start)
+            else:
+                chunks.append((row, start, n, ctx))
+            start += n
+        if not decode_rows or not chunks:
+            return MixedRows(None, torch.empty(0, dtype=torch.long), chunks)
+        index = torch.tensor(decode_rows)
+        context_lens = [meta.context_lens_list[r] for r in decode_rows]
+        decode = AttentionMetadata(
+            slot_mapping=meta.slot_mapping[torch.tensor(decode_tokens)],
+            block_tables=meta.block_tables.index_select(0, index),
+            context_lens=meta.context_lens.index_select(0, index),
+            query_lens=[1] * len(decode_rows),
+            context_lens_list=context_lens,
+            all_decode=True,
+        )
+        return MixedRows(decode, torch.tensor(decode_tokens), chunks)
+
+
+def _mixed_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    layer_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Decode rows batched as in a decode step, each prompt chunk causally over its
+    context: a chunk riding along costs its own attention, not one call per decode row."""
+    mixed = meta.mixed
+    assert mixed is not None and mixed.decode is not None
+    out = torch.empty_like(q)
+    decode = mixed.decode
+    decode.layer = meta.layer
+    out[mixed.decode_tokens] = _decode_attention(
+        q.index_select(0, mixed.decode_tokens), layer_cache, decode, scale
+    )
+    for row, start, n, ctx in mixed.chunks:
+        q_i = q[start : start + n]
+        if n == ctx:  # a prompt's first chunk: nothing cached before it
+            k_i, v_i = k_new[start : start + n], v_new[start : start + n]
+        else:
+            k_i, v_i = _gather_context(layer_cache, meta.block_tables[row], ctx)
+        out[start : start + n] = _causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale)
+    return out

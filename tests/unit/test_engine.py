@@ -131,10 +131,11 @@ def test_continuous_batching_joins_running_requests(model, eos, prompt_ids, alon
 
     for seq in seqs[1:]:
         engine.add_request(seq)
-    engine.step()  # the newcomers' prefill, as one batch
+    engine.step()  # a mixed step: the running request's token and the newcomers' prompts
     assert engine.last_step.is_prefill
-    assert engine.last_step.num_seqs == 3
-    assert engine.last_step.num_tokens == sum(len(ids) for ids in prompt_ids[1:])
+    assert engine.last_step.num_seqs == 4
+    assert engine.last_step.num_tokens == 1 + sum(len(ids) for ids in prompt_ids[1:])
+    assert len(seqs[0].output_token_ids) == 4  # the running stream did not wait
 
     decode_sizes = []
     while engine.has_unfinished():
@@ -317,3 +318,42 @@ def test_import_rejects_a_foreign_layout(model, eos, story) -> None:
     other = ModelRunner(model, num_blocks=8, block_size=8, kv_dtype=torch.float32)
     with pytest.raises(ValueError, match="layout"):
         other.import_blocks([0, 1, 2, 3, 4, 5], payload)
+
+
+def test_chunked_prefill_gives_the_one_shot_tokens(model, eos, tokenizer, story) -> None:
+    """A 5-token budget computes the story prompt in chunks across block boundaries (block
+    size 4: chunks start mid-block); its greedy tokens equal the one-shot prefill's."""
+    ids, expected = story
+    engine = _engine(model, eos, max_num_batched_tokens=5, block_size=4)
+    seq = Sequence("chunked", list(ids), _greedy(32))
+    engine.add_request(seq)
+    chunks = []
+    while seq.num_output_tokens == 0:
+        engine.step()
+        chunks.append(engine.last_step.num_tokens)
+    assert chunks == [5] * (len(ids) // 5) + ([len(ids) % 5] if len(ids) % 5 else [])
+    _drain(engine)
+    assert seq.output_token_ids == expected
+
+
+def test_mixed_steps_give_each_sequence_its_alone_tokens(model, eos, prompt_ids, alone) -> None:
+    """Prompts arriving one per step while others decode, with a budget that chunks them:
+    every step mixes decode rows with prompt chunks, and each output equals its alone run."""
+    engine = _engine(model, eos, max_num_batched_tokens=6)
+    seqs = [
+        Sequence(f"m{i}", list(ids), _greedy(n, ignore_eos=True))
+        for i, (ids, n) in enumerate(zip(prompt_ids, MAX_TOKENS, strict=True))
+    ]
+    mixed_steps = 0
+    pending = list(seqs)
+    while pending or engine.has_unfinished():
+        if pending:
+            engine.add_request(pending.pop(0))
+        decoding = sum(s.num_output_tokens > 0 and s.status is SeqStatus.RUNNING for s in seqs)
+        engine.step()
+        if engine.last_step.is_prefill and decoding:
+            mixed_steps += 1
+            assert engine.last_step.num_tokens <= 6
+    assert mixed_steps >= 3
+    assert [s.output_token_ids for s in seqs] == alone
+    assert engine.block_pool.num_free_blocks == engine.config.num_blocks

@@ -287,3 +287,54 @@ def test_kv_import_is_copied_on_admission_and_skips_the_prefill() -> None:
     assert len(seq.block_table) == blocks_for(11, BS) == 3
     assert seq.num_computed_tokens == 10 and seq.kv_import is None
     assert not out.is_prefill and _ids(out.seqs) == ["imp"] and out.num_scheduled_tokens == [1]
+
+
+# --------------------------------------------------------------------------- chunked prefill
+
+
+def _mixed(num_blocks: int = 100, max_tokens: int = 8, **kw):
+    return _sched(num_blocks, max_tokens=max_tokens, chunked_prefill=True, **kw)
+
+
+def test_chunked_prefill_splits_a_long_prompt_by_the_budget() -> None:
+    _, sched = _mixed(max_tokens=8)
+    big = _seq("big", 20)
+    sched.add(big)
+    counts = []
+    for _ in range(3):
+        out = sched.schedule()
+        assert _ids(out.seqs) == ["big"] and out.is_prefill
+        counts.append(out.num_scheduled_tokens[0])
+        # only the chunk that reaches the prompt's end samples
+        assert out.sampling_rows == ([0] if sum(counts) == 20 else [])
+        big.num_computed_tokens += counts[-1]
+    assert counts == [8, 8, 4]
+    assert len(big.block_table) == blocks_for(20, BS)  # all allocated at admission
+
+
+def test_decode_rows_come_first_and_prompts_take_what_is_left() -> None:
+    _, sched = _mixed(max_tokens=8)
+    a, b = _seq("a", 3), _seq("b", 3)
+    sched.add(a)
+    sched.add(b)
+    _advance(sched.schedule())  # both prompts fit the budget: one step
+    c = _seq("c", 10)
+    sched.add(c)
+    out = sched.schedule()
+    # a and b decode while c's first chunk uses the rest of the budget
+    assert _ids(out.seqs) == ["a", "b", "c"] and out.num_scheduled_tokens == [1, 1, 6]
+    assert out.is_prefill and out.sampling_rows == [0, 1]
+    _advance(out)  # c has computed 6 of 10 (the helper's appended token is not c's)
+    c.output_token_ids.clear()
+    out = sched.schedule()
+    assert _ids(out.seqs) == ["a", "b", "c"] and out.num_scheduled_tokens == [1, 1, 4]
+    assert out.sampling_rows == [0, 1, 2]
+
+
+def test_without_prompts_a_mixed_schedule_is_a_decode_step() -> None:
+    _, sched = _mixed()
+    sched.add(_seq("a", 3))
+    _advance(sched.schedule())
+    out = sched.schedule()
+    assert not out.is_prefill and out.num_scheduled_tokens == [1]
+    assert out.sampling_rows == [0]
