@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 class ModelBackend(Protocol):
     """Runs scheduled batches over a paged KV pool; called only from the engine thread.
 
-    - `execute(batch)`: next-token logits `[num_sampling_rows, vocab]` (fp32), one row per
-      row of `batch.sampling_rows` (every row unless the scheduler says otherwise), for a prefill batch
-      (each sequence's uncomputed tokens) or a decode batch (one token each), after writing
+    - `execute(batch)`: next-token logits `[num_sampling_rows, vocab]` (fp32), one per row
+      of `batch.sampling_rows` (every row unless the scheduler says otherwise), for a
+      prefill batch (each sequence's uncomputed tokens) or a decode batch (one token each),
+      after writing
       the scheduled tokens' K/V into the pool slots of their block tables. The returned
       tensor is valid until the next call. A backend with `supports_mixed_batches = True`
       also takes both kinds of row in one batch, prompts in chunks (chunked prefill); the
