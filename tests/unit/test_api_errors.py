@@ -261,3 +261,16 @@ def test_every_error_status_is_exported_at_zero_from_the_start() -> None:
     counts = _errors(text)
     assert counts == {str(s): 0.0 for s in ERROR_STATUSES}
     assert {"400", "404", "415", "429", "500", "503"} <= set(counts)
+
+
+def test_the_ingress_app_answers_every_error_in_json() -> None:
+    """The real ingress FastAPI app, outside Serve: its routes fail unexpectedly (no replica
+    context, no control API attached), which must still be JSON 500s."""
+    from deployments.ingress import app
+
+    client = TestClient(app)
+    _shape(client.get("/v1/nope"), 404)
+    assert _shape(client.get("/v1/chat/completions"), 405)["code"] == "method_not_allowed"
+    for resp in (client.post("/v1/chat/completions", json={}), client.get("/v1/policy")):
+        err = _shape(resp, 500)
+        assert "error id" in err["message"] and "Serve" not in err["message"]
