@@ -43,7 +43,9 @@ class ErrorResponse(JSONResponse):
         return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
-def error_response(app: object, err: ServeError, headers: dict[str, str] | None = None):
+def error_response(
+    app: object, err: ServeError, headers: dict[str, str] | None = None
+) -> ErrorResponse:
     metrics = getattr(getattr(app, "state", None), "metrics", None)
     if metrics is not None:
         metrics.error(err.http_status)
@@ -89,7 +91,10 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
     param = ".".join(str(p) for p in first.get("loc", ())) or None
-    return error_response(request.app, BadRequest(f"{param}: {first.get('msg')}", param=param))
+    message = str(first.get("msg", "invalid request"))
+    return error_response(
+        request.app, BadRequest(f"{param}: {message}" if param else message, param=param)
+    )
 
 
 class InternalErrors:

@@ -192,6 +192,10 @@ def _app() -> tuple[TestClient, FrontendMetrics]:
     async def only_get() -> dict:
         return {}
 
+    @app.get("/v1/typed")
+    async def typed(n: int) -> dict:
+        return {"n": n}
+
     return TestClient(app, raise_server_exceptions=True), metrics
 
 
@@ -221,6 +225,12 @@ def test_unknown_route_and_wrong_method_are_openai_shaped() -> None:
     assert resp.headers["allow"] == "GET"
     counts = _errors(metrics.exposition())
     assert counts["404"] == 1 and counts["405"] == 1
+
+
+def test_fastapi_validation_errors_are_400_naming_the_parameter() -> None:
+    client, _ = _app()
+    err = _shape(client.get("/v1/typed?n=many"), 400)
+    assert err["param"] == "query.n" and err["type"] == "invalid_request_error"
 
 
 def test_serve_errors_keep_their_status_and_retry_after() -> None:
