@@ -37,6 +37,12 @@ class ModelSettings(_Strict):
         description="bfloat16 only: engine steps of up to this many tokens use a lossless int4 "
         "repack of linear weights that came from a 4-bit GGUF (0 = off)",
     )
+    dense_kernels: Literal["measured", "model_dtype"] = Field(
+        "measured",
+        description="bfloat16 only: measured = larger steps switch to fp32 matmuls from the "
+        "batch size where this machine runs them faster (CPUs without native bf16: AVX2), "
+        "measured once per machine into $INFEROS_HOME/kernels.json; model_dtype = never",
+    )
 
 
 class KVCacheSettings(_Strict):

@@ -64,9 +64,13 @@ class HybridInt4Linear(nn.Module):
         self.max_int4_tokens = max_int4_tokens
         self.register_buffer("packed", _ops._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES))
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(linear.weight.dtype))
+        # the path above max_int4_tokens: a measured dtype switch (dense_kernels), or plain
+        self.dense: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_int4_tokens:
+            if self.dense is not None:
+                return self.dense(x)
             return F.linear(x, self.weight, self.bias)
         out = _ops._weight_int4pack_mm_for_cpu(x, self.packed, GROUP_SIZE, self.scales_and_zeros)
         return out if self.bias is None else out + self.bias

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from serving.models.arch import LlamaArch
+from serving.models.dense_kernels import use_measured_dense
 from serving.models.int4 import repack_int4
 from serving.models.llama import LlamaForCausalLM
 from serving.models.rope import rope_cache
@@ -74,9 +75,12 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     max_positions: int | None = None,
     int4_max_tokens: int = 0,
+    measured_dense: bool = False,
 ) -> LlamaForCausalLM:
     """`int4_max_tokens > 0` (bf16 only): steps of up to that many tokens run on a lossless
-    4-bit repack of the linear layers whose weights came from a 4-bit GGUF."""
+    4-bit repack of the linear layers whose weights came from a 4-bit GGUF.
+    `measured_dense` (non-fp32 only): larger steps switch to fp32 matmuls from the batch
+    size where this machine runs them faster (`dense_kernels`, measured once per machine)."""
     folder = Path(folder)
     arch = LlamaArch.from_folder(folder)
     with torch.device("meta"):
@@ -91,6 +95,10 @@ def load_model(
     model.rope_cos, model.rope_sin = cos, sin
     if int4_max_tokens > 0 and dtype == torch.bfloat16:
         repack_int4(model, source, int4_max_tokens)
+    if measured_dense and dtype != torch.float32:
+        if arch.tie_word_embeddings:  # the head's fp32 copy: the embedding as loaded
+            source["lm_head.weight"] = source["embed_tokens.weight"]
+        use_measured_dense(model, source)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"weights missing from {folder}: {missing[:5]}")

@@ -53,6 +53,7 @@ def handoff(tokenizer_ids) -> dict:
         # decode as the app's decode replica does (its int4 path by default), so that the
         # app test below compares texts made by the same kernels
         "int4_max_tokens": ModelSettings().int4_max_tokens,
+        "dense_kernels": ModelSettings().dense_kernels,
     }
     return run_in_vllm_venv(
         ["-m", "serving.backends.vllm.handoff"], stdin=json.dumps(request), timeout=900

@@ -3,7 +3,8 @@
     .venv-vllm/bin/python -m serving.backends.vllm.handoff < request.json > result.json
 
 request: {"model_path", "prompts": [[ids...]], "num_tokens", "block_size", "decode_dtype",
-"int4_max_tokens" (optional, 0 = off), "time_prompt_tokens" (optional: also time a prefill
+"int4_max_tokens" (optional, 0 = off), "dense_kernels" (optional, as ModelSettings),
+"time_prompt_tokens" (optional: also time a prefill
 of that many tokens on both)}.
 result: per prompt the greedy tokens of vLLM alone and of vLLM prefill → our decode, our
 decode's logit gap to each of vLLM alone's tokens when fed them (`forced_gaps`) and its own
@@ -129,7 +130,10 @@ def main() -> None:
     startup_s = time.perf_counter() - started
     # int4_max_tokens: the decode replica's int4 path (ModelSettings), for the same numerics
     int4 = req.get("int4_max_tokens", 0)
-    model = load_model(path, getattr(torch, dtype), max_positions=2049, int4_max_tokens=int4)
+    measured = req.get("dense_kernels", "model_dtype") == "measured"
+    model = load_model(
+        path, getattr(torch, dtype), 2049, int4_max_tokens=int4, measured_dense=measured
+    )
     engine_config = EngineConfig(num_blocks=256, block_size=block_size, kv_dtype=dtype)
     results = []
     for prompt in req["prompts"]:

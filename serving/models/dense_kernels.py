@@ -1,0 +1,179 @@
+"""Dense matmuls at this machine's speed: per linear shape, from which batch size on fp32
+beats the model's dtype, measured once per machine and kept on disk.
+
+A bf16 matmul is fast where the CPU multiplies bf16 natively (AMX, AVX-512-BF16) and slow
+where it is emulated: on an AVX2-only CPU (AMD EPYC, 2 threads, SmolLM2's shapes) a bf16
+matmul of 32 rows costs 2-3x its fp32 twin, the LM head at 64 rows 4x. Small batches read
+weights more than they compute, so there bf16 (half the bytes) or the int4 path wins. So
+each linear layer keeps an fp32 copy of its weight wherever the measurement says fp32 wins
+from some batch size on, and switches at that size (`fp32_min_tokens`).
+
+The thresholds live in `$INFEROS_HOME/kernels.json` keyed by CPU, torch version, threads,
+dtype and shape, measured under a file lock: every process of a machine (prefill, decode,
+draft, the vLLM hand-over) then runs the same kernels, so the same batch gives the same
+numbers in each of them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.env import inferos_home
+
+logger = logging.getLogger(__name__)
+
+# batch sizes (tokens per step) measured; a step larger than the last uses its verdict
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NEVER = 1 << 30  # fp32_min_tokens of a shape where fp32 never wins
+_REPEATS = 5
+CLEAR_WIN = 1.25  # fp32 at least this much faster: no need to measure larger buckets
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_key(dtype: torch.dtype, n: int, k: int) -> str:
+    threads = torch.get_num_threads()
+    return f"{_cpu_name()}|torch {torch.__version__}|{threads} threads|{dtype}|{n}x{k}"
+
+
+def _median_s(fn: Callable[[], object]) -> float:
+    fn()  # warm-up: first-call allocations and primitive creation
+    times = []
+    for _ in range(_REPEATS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_fp32_min_tokens(n: int, k: int, dtype: torch.dtype) -> int:
+    """The smallest bucket from which an fp32 matmul `[m, k] x [k, n]` (inputs cast in and
+    out) is faster than one in `dtype` at every larger bucket; NEVER if none.
+
+    Once fp32 wins clearly (by CLEAR_WIN) at two buckets in a row the matmul is compute
+    bound and stays so at larger sizes, so the sweep stops there: the large buckets of an
+    emulated bf16 LM head alone would take most of a minute."""
+    gen = torch.Generator().manual_seed(0)
+    w32 = torch.randn(n, k, generator=gen)
+    w = w32.to(dtype)
+    fp32_wins: list[bool] = []
+    clear_in_a_row = 0
+    for m in BUCKETS:
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        t_dtype = _median_s(lambda x=x: F.linear(x, w))
+        t_fp32 = _median_s(lambda x=x: F.linear(x.float(), w32).to(dtype))
+        fp32_wins.append(t_fp32 < t_dtype)
+        clear_in_a_row = clear_in_a_row + 1 if t_fp32 * CLEAR_WIN < t_dtype else 0
+        if clear_in_a_row == 2:
+            break
+    threshold = NEVER
+    for m, wins in zip(reversed(BUCKETS[: len(fp32_wins)]), reversed(fp32_wins), strict=True):
+        if not wins:
+            break
+        threshold = m
+    return threshold
+
+
+def fp32_thresholds(shapes: set[tuple[int, int]], dtype: torch.dtype) -> dict[tuple[int, int], int]:
+    """`fp32_min_tokens` per (out, in) shape: from the machine's cache file, measuring (under
+    its lock, so that two processes never measure at once or disagree) what it lacks."""
+    path = inferos_home() / "kernels.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        known = json.loads(path.read_text()) if path.exists() else {}
+        out = {}
+        for n, k in sorted(shapes):
+            key = cache_key(dtype, n, k)
+            if key not in known:
+                started = time.perf_counter()
+                known[key] = measure_fp32_min_tokens(n, k, dtype)
+                logger.info(
+                    "dense kernels %dx%d: fp32 from %s tokens (measured in %.1f s)",
+                    n,
+                    k,
+                    known[key] if known[key] < NEVER else "never",
+                    time.perf_counter() - started,
+                )
+            out[(n, k)] = known[key]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        tmp.replace(path)
+    return out
+
+
+class DenseLinear(nn.Module):
+    """A linear layer in the model's dtype that runs in fp32 from `fp32_min_tokens` rows on.
+    `weight` stays the model's (tied embeddings, the speculative draft's vocabulary slice
+    read it); the fp32 copy exists only where it is used."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fp32_min_tokens: int):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+        self.bias = bias
+        self.fp32_min_tokens = fp32_min_tokens
+        self.weight32: torch.Tensor | None = None
+        self.bias32: torch.Tensor | None = None
+        if fp32_min_tokens < NEVER:
+            self.weight32 = weight.detach().float()
+            self.bias32 = None if bias is None else bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight32 is not None and x.shape[0] >= self.fp32_min_tokens:
+            return F.linear(x.float(), self.weight32, self.bias32).to(x.dtype)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_measured_dense(model: nn.Module, source_weights: dict[str, torch.Tensor]) -> int:
+    """Give every linear layer of a non-fp32 model (and the dense path of every int4 one)
+    the measured fp32 switch; the fp32 copies are made from `source_weights` (as loaded,
+    before the cast) where present. Returns how many layers run fp32 from some size on."""
+    from serving.models.int4 import HybridInt4Linear
+
+    layers: list[tuple[str, nn.Module, str, nn.Module]] = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.Linear or isinstance(child, HybridInt4Linear):
+                if child.weight.dtype != torch.float32:
+                    layers.append((parent_name, parent, name, child))
+    if not layers:
+        return 0
+    dtype = layers[0][3].weight.dtype
+    thresholds = fp32_thresholds({tuple(c.weight.shape) for *_, c in layers}, dtype)
+    switched = 0
+    for parent_name, parent, name, child in layers:
+        key = f"{parent_name}.{name}.weight" if parent_name else f"{name}.weight"
+        threshold = thresholds[tuple(child.weight.shape)]
+        dense = DenseLinear(child.weight, child.bias, threshold)
+        if threshold < NEVER and key in source_weights:
+            dense.weight32 = source_weights[key].float()
+        if isinstance(child, HybridInt4Linear):
+            child.dense = dense
+        else:
+            setattr(parent, name, dense)
+        switched += threshold < NEVER
+    logger.info(
+        "dense kernels: %d of %d linear layers switch to fp32 at large batches",
+        switched,
+        len(layers),
+    )
+    return switched
