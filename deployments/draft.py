@@ -37,9 +37,9 @@ class DraftServer:
             model = load_draft_model(
                 self.settings,
                 cfg.model.path,
-                parse_dtype(cfg.model.dtype),
+                parse_dtype(cfg.model_dtype),
                 cfg.model.max_model_len + self.settings.k_max + 1,
-                cfg.model.int4_max_tokens,
+                cfg.model.int4_max_tokens if cfg.fast_kernels else 0,
             )
             self.proposer = DraftModelProposer(
                 model,

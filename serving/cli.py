@@ -21,7 +21,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--prefill-replicas", type=int)
     p.add_argument("--decode-replicas", type=int)

@@ -12,11 +12,13 @@ def build(ctx: BackendContext) -> tuple[LLMEngine, BackendInfo]:
     cfg = ctx.config
     model = load_model(
         ctx.model_path,
-        parse_dtype(cfg.model.dtype),
+        parse_dtype(cfg.model_dtype),
         max_positions=cfg.model.max_model_len + 1,
         # prefill steps are large: only decode profits from the int4 path
-        int4_max_tokens=cfg.model.int4_max_tokens if ctx.role is Role.DECODE else 0,
-        measured_dense=cfg.model.dense_kernels == "measured",
+        int4_max_tokens=cfg.model.int4_max_tokens
+        if ctx.role is Role.DECODE and cfg.fast_kernels
+        else 0,
+        measured_dense=cfg.fast_kernels and cfg.model.dense_kernels == "measured",
     )
     engine = LLMEngine(model, cfg.engine_config(), model.arch.eos_token_ids)
     return engine, BackendInfo("torch", "cpu")

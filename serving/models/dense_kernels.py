@@ -122,58 +122,73 @@ def fp32_thresholds(shapes: set[tuple[int, int]], dtype: torch.dtype) -> dict[tu
 
 
 class DenseLinear(nn.Module):
-    """A linear layer in the model's dtype that runs in fp32 from `fp32_min_tokens` rows on.
-    `weight` stays the model's (tied embeddings, the speculative draft's vocabulary slice
-    read it); the fp32 copy exists only where it is used."""
+    """A linear layer that runs in bf16 below `fp32_min_tokens` rows and in fp32 from there,
+    whatever the model's dtype: a bf16 model keeps an fp32 copy of the weight (made from
+    the source weight as loaded, where given), an fp32 one a bf16 copy; only the copy the
+    measurement calls for is made. `weight` stays the model's own (tied embeddings, the
+    speculative draft's vocabulary slice read it)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fp32_min_tokens: int):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        fp32_min_tokens: int,
+        source: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         self.bias = bias
         self.fp32_min_tokens = fp32_min_tokens
-        self.weight32: torch.Tensor | None = None
+        self.weight16: torch.Tensor | None = None  # [out, in] bf16, below the threshold
+        self.bias16: torch.Tensor | None = None
+        self.weight32: torch.Tensor | None = None  # [out, in] fp32, from the threshold on
         self.bias32: torch.Tensor | None = None
-        if fp32_min_tokens < NEVER:
-            self.weight32 = weight.detach().float()
-            self.bias32 = None if bias is None else bias.detach().float()
+        detached = bias.detach() if bias is not None else None
+        if weight.dtype == torch.float32:
+            if fp32_min_tokens > 1:
+                self.weight16 = weight.detach().to(torch.bfloat16)
+                self.bias16 = None if detached is None else detached.to(torch.bfloat16)
+        elif fp32_min_tokens < NEVER:
+            self.weight32 = (source if source is not None else weight.detach()).float()
+            self.bias32 = None if detached is None else detached.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight32 is not None and x.shape[0] >= self.fp32_min_tokens:
-            return F.linear(x.float(), self.weight32, self.bias32).to(x.dtype)
-        return F.linear(x, self.weight, self.bias)
+        if x.shape[0] >= self.fp32_min_tokens:
+            w, b = self.weight32, self.bias32
+        else:
+            w, b = self.weight16, self.bias16
+        if w is None:  # the model's own dtype is the right one here
+            return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(w.dtype), w, b).to(x.dtype)
 
 
 def use_measured_dense(model: nn.Module, source_weights: dict[str, torch.Tensor]) -> int:
-    """Give every linear layer of a non-fp32 model (and the dense path of every int4 one)
-    the measured fp32 switch; the fp32 copies are made from `source_weights` (as loaded,
-    before the cast) where present. Returns how many layers run fp32 from some size on."""
+    """Give every plain linear layer (and the dense path of every int4 one in a bf16 model)
+    the measured bf16/fp32 switch; fp32 copies are made from `source_weights` (as loaded,
+    before the cast) where present. Returns how many layers switch at some size."""
     from serving.models.int4 import HybridInt4Linear
 
     layers: list[tuple[str, nn.Module, str, nn.Module]] = []
     for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
-            if type(child) is nn.Linear or isinstance(child, HybridInt4Linear):
-                if child.weight.dtype != torch.float32:
-                    layers.append((parent_name, parent, name, child))
+            fp32_int4 = isinstance(child, HybridInt4Linear) and child.weight.dtype == torch.float32
+            if type(child) is nn.Linear or (isinstance(child, HybridInt4Linear) and not fp32_int4):
+                layers.append((parent_name, parent, name, child))
     if not layers:
         return 0
-    dtype = layers[0][3].weight.dtype
-    thresholds = fp32_thresholds({tuple(c.weight.shape) for *_, c in layers}, dtype)
+    shapes = {tuple(c.weight.shape) for *_, c in layers}
+    thresholds = fp32_thresholds(shapes, torch.bfloat16)
     switched = 0
     for parent_name, parent, name, child in layers:
         key = f"{parent_name}.{name}.weight" if parent_name else f"{name}.weight"
         threshold = thresholds[tuple(child.weight.shape)]
-        dense = DenseLinear(child.weight, child.bias, threshold)
-        if threshold < NEVER and key in source_weights:
-            dense.weight32 = source_weights[key].float()
+        dense = DenseLinear(child.weight, child.bias, threshold, source_weights.get(key))
         if isinstance(child, HybridInt4Linear):
             child.dense = dense
         else:
             setattr(parent, name, dense)
-        switched += threshold < NEVER
+        switched += dense.weight16 is not None or dense.weight32 is not None
     logger.info(
-        "dense kernels: %d of %d linear layers switch to fp32 at large batches",
-        switched,
-        len(layers),
+        "dense kernels: %d of %d linear layers switch between bf16 and fp32", switched, len(layers)
     )
     return switched

@@ -77,10 +77,11 @@ def load_model(
     int4_max_tokens: int = 0,
     measured_dense: bool = False,
 ) -> LlamaForCausalLM:
-    """`int4_max_tokens > 0` (bf16 only): steps of up to that many tokens run on a lossless
-    4-bit repack of the linear layers whose weights came from a 4-bit GGUF.
-    `measured_dense` (non-fp32 only): larger steps switch to fp32 matmuls from the batch
-    size where this machine runs them faster (`dense_kernels`, measured once per machine)."""
+    """`int4_max_tokens > 0`: steps of up to that many tokens run on a lossless 4-bit
+    repack (bf16 activations) of the linear layers whose weights came from a 4-bit GGUF.
+    `measured_dense`: plain linear layers switch between bf16 and fp32 at the batch size
+    from which this machine runs fp32 faster (`dense_kernels`, measured once per machine).
+    Neither (the default) keeps `dtype` everywhere: the reference numerics."""
     folder = Path(folder)
     arch = LlamaArch.from_folder(folder)
     with torch.device("meta"):
@@ -93,9 +94,9 @@ def load_model(
     # Buffers were created on the meta device; rebuild them for real.
     cos, sin = rope_cache(arch, max_positions or arch.max_position_embeddings)
     model.rope_cos, model.rope_sin = cos, sin
-    if int4_max_tokens > 0 and dtype == torch.bfloat16:
+    if int4_max_tokens > 0 and dtype in (torch.bfloat16, torch.float32):
         repack_int4(model, source, int4_max_tokens)
-    if measured_dense and dtype != torch.float32:
+    if measured_dense:
         if arch.tie_word_embeddings:  # the head's fp32 copy: the embedding as loaded
             source["lm_head.weight"] = source["embed_tokens.weight"]
         use_measured_dense(model, source)

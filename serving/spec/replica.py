@@ -41,8 +41,8 @@ def attach_speculation(
             settings,
             engine,
             str(target_path),
-            parse_dtype(config.model.dtype),
-            config.model.int4_max_tokens,
+            parse_dtype(config.model_dtype),
+            config.model.int4_max_tokens if config.fast_kernels else 0,
         )
     spec = build_spec_step(settings, engine, proposer)
     engine.spec = spec

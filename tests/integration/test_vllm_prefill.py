@@ -19,7 +19,7 @@ import json
 import pytest
 import ray
 
-from serving.config import ModelSettings
+from serving.config import InferosConfig, ModelSettings
 from serving.models.pull import ensure_default_model
 from tests.integration.conftest import MODEL
 from tests.integration.vllm_venv import ROOT, needs_vllm, run_in_vllm_venv
@@ -50,6 +50,8 @@ def handoff(tokenizer_ids) -> dict:
         "num_tokens": NUM_TOKENS,
         "block_size": BLOCK_SIZE,
         "decode_dtype": "bfloat16",
+        # the KV dtype the app's decode replica picks for a bf16 model on this CPU
+        "kv_dtype": InferosConfig.model_validate({"model": {"dtype": "bfloat16"}}).kv_dtype,
         # decode as the app's decode replica does (its int4 path by default), so that the
         # app test below compares texts made by the same kernels
         "int4_max_tokens": ModelSettings().int4_max_tokens,

@@ -3,7 +3,8 @@
     .venv-vllm/bin/python -m serving.backends.vllm.handoff < request.json > result.json
 
 request: {"model_path", "prompts": [[ids...]], "num_tokens", "block_size", "decode_dtype",
-"int4_max_tokens" (optional, 0 = off), "dense_kernels" (optional, as ModelSettings),
+"kv_dtype" (optional, default decode_dtype), "int4_max_tokens" (optional, 0 = off),
+"dense_kernels" (optional, as ModelSettings),
 "time_prompt_tokens" (optional: also time a prefill
 of that many tokens on both)}.
 result: per prompt the greedy tokens of vLLM alone and of vLLM prefill → our decode, our
@@ -134,7 +135,8 @@ def main() -> None:
     model = load_model(
         path, getattr(torch, dtype), 2049, int4_max_tokens=int4, measured_dense=measured
     )
-    engine_config = EngineConfig(num_blocks=256, block_size=block_size, kv_dtype=dtype)
+    kv_dtype = req.get("kv_dtype", dtype)
+    engine_config = EngineConfig(num_blocks=256, block_size=block_size, kv_dtype=kv_dtype)
     results = []
     for prompt in req["prompts"]:
         alone = vllm_prefill.generate(prompt, req["num_tokens"])

@@ -1,0 +1,53 @@
+"""DenseLinear switches between bf16 and fp32 at its threshold and computes the same
+product either way (up to bf16 rounding); the measurement yields a bucket or NEVER."""
+
+from __future__ import annotations
+
+import torch
+
+from serving.models.dense_kernels import BUCKETS, NEVER, DenseLinear, measure_fp32_min_tokens
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.float() @ w.float().t()
+
+
+def test_bf16_model_runs_fp32_from_the_threshold() -> None:
+    gen = torch.Generator().manual_seed(0)
+    source = torch.randn(48, 32, generator=gen)
+    layer = DenseLinear(source.to(torch.bfloat16), None, fp32_min_tokens=4, source=source)
+    assert layer.weight32 is not None and layer.weight16 is None
+    small = torch.randn(3, 32, generator=gen).to(torch.bfloat16)
+    big = torch.randn(5, 32, generator=gen).to(torch.bfloat16)
+    out_small, out_big = layer(small), layer(big)
+    assert out_small.dtype == out_big.dtype == torch.bfloat16
+    # the fp32 path multiplies the source weight: only the output's bf16 rounding remains
+    exact = _reference(big, source)
+    assert (out_big.float() - exact).abs().max() <= 0.01 * exact.abs().max()
+    rounded = _reference(small, source.to(torch.bfloat16))
+    assert (out_small.float() - rounded).abs().max() <= 0.02 * rounded.abs().max()
+
+
+def test_fp32_model_runs_bf16_below_the_threshold_and_exact_fp32_above() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 24, generator=gen)
+    layer = DenseLinear(torch.nn.Parameter(w), None, fp32_min_tokens=8)
+    assert layer.weight16 is not None and layer.weight32 is None
+    x = torch.randn(8, 24, generator=gen)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, w))  # fp32: untouched
+    out = layer(x[:2])
+    assert out.dtype == torch.float32
+    exact = _reference(x[:2], w)
+    assert (out - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
+def test_never_keeps_no_copy() -> None:
+    w = torch.randn(8, 8).to(torch.bfloat16)
+    layer = DenseLinear(w, None, NEVER)
+    assert layer.weight32 is None and layer.weight16 is None
+    x = torch.randn(2, 8).to(torch.bfloat16)
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, w))
+
+
+def test_measurement_returns_a_bucket_or_never() -> None:
+    assert measure_fp32_min_tokens(64, 32, torch.bfloat16) in (*BUCKETS, NEVER)
