@@ -13,7 +13,7 @@ from deployments.decode import DecodeDeployment
 from deployments.draft import DraftDeployment
 from deployments.ingress import IngressDeployment
 from deployments.prefill import PrefillDeployment
-from serving.backends.placement import placement_options
+from serving.backends.placement import one_engine_per_node, placement_options
 from serving.backends.vllm_env import vllm_runtime_env
 from serving.config import InferosConfig, RoleSettings
 
@@ -42,20 +42,24 @@ def replicas(role: RoleSettings) -> dict:
 
 
 def build_app(config: InferosConfig) -> Application:
-    cfg = config.model_dump()
     # NOTE: thread counts assume replicas land on a node like this one (the driver's).
     cpus = os.cpu_count() or 1
     cluster = ray.cluster_resources() if ray.is_initialized() else None
+    num_nodes = len([n for n in ray.nodes() if n["Alive"]]) if ray.is_initialized() else 1
+    config = one_engine_per_node(config, num_nodes)
+    cfg = config.model_dump()
     common = {"graceful_shutdown_timeout_s": 2, "health_check_period_s": 5}
-    prefill = PrefillDeployment.options(
-        **replicas(config.prefill),
-        ray_actor_options=actor_options(
-            config.prefill, config.threads_for("prefill", cpus), "prefill", cluster
-        ),
-        request_router_config=PINNED_ROUTER,
-        max_ongoing_requests=1024,
-        **common,
-    ).bind(cfg)
+    prefill = None  # none where one engine serves the node: decode prefills itself
+    if config.has_prefill_replicas:
+        prefill = PrefillDeployment.options(
+            **replicas(config.prefill),
+            ray_actor_options=actor_options(
+                config.prefill, config.threads_for("prefill", cpus), "prefill", cluster
+            ),
+            request_router_config=PINNED_ROUTER,
+            max_ongoing_requests=1024,
+            **common,
+        ).bind(cfg)
     draft = None
     if config.speculation.placement == "deployment":
         draft = DraftDeployment.options(

@@ -29,6 +29,8 @@ class DecodeServer(EngineReplica):
         self._held: dict[str, list[int]] = {}  # tokens not streamed yet (stream_interval)
         self._streamed: set[str] = set()  # requests whose first token went out
         self.num_local_prefills = 0
+        self._storing: dict[str, Sequence] = {}  # local prefills whose turn goes to the store
+        self._store_tasks: set[asyncio.Task] = set()
         await self._start_engine(config)
         self.stream_interval = self.config.scheduling.stream_interval
         self.num_imported = 0
@@ -60,6 +62,8 @@ class DecodeServer(EngineReplica):
         --stream-interval does, so the hops behind us pay per N tokens, not per token."""
         by_subscriber: dict[str, list[TokenDelta]] = {}
         for out in outputs:
+            if out.finished and self._storing:
+                self._store_turn(out)
             subscriber = self._subscriber_of.get(out.req_id)
             if subscriber is None:  # aborted meanwhile
                 continue
@@ -95,11 +99,34 @@ class DecodeServer(EngineReplica):
             self._streamed.add(req.req_id)  # the ingress has the first token already
         else:
             self.num_local_prefills += 1
+            if self.config.kv_cache.prefix_reuse:
+                # an earlier turn (its answer included) or a shared system prompt is stored:
+                # compute only the rest, and store a chat turn for the next one
+                seq.kv_import = await self._cached_prefix(seq.prompt_token_ids)
+                if req.store_turn:
+                    seq.export_kv_at_finish = True
+                    self._storing[req.req_id] = seq
         self._subscriber_of[req.req_id] = req.subscriber_id
         self.thread.add(seq)
         return None
 
+    def _store_turn(self, out: StepOutput) -> None:
+        """A finished turn of a sequence this replica prefilled: its KV (prompt and answer)
+        into the store, indexed by its tokens, so the next turn of the conversation finds
+        it as a prefix. Off the engine thread and off the request's path."""
+        seq = self._storing.pop(out.req_id, None)
+        if seq is None or out.kv_export is None or out.finish_reason not in ("stop", "length"):
+            return
+        exported = out.kv_export
+        token_ids = seq.token_ids(0, exported.num_tokens)
+        task = asyncio.get_running_loop().create_task(
+            self._store(f"turn-{out.req_id}", exported, token_ids)
+        )
+        self._store_tasks.add(task)  # keep a reference until done
+        task.add_done_callback(self._store_tasks.discard)
+
     async def abort(self, req_id: str, replica_id: str | None = None) -> None:
+        self._storing.pop(req_id, None)
         self._subscriber_of.pop(req_id, None)
         self._held.pop(req_id, None)
         self._streamed.discard(req_id)
@@ -122,6 +149,7 @@ class DecodeServer(EngineReplica):
         return await super().stats() | {
             "num_imported": self.num_imported,
             "num_local_prefills": self.num_local_prefills,
+            "num_reused_tokens": self.num_reused_tokens,
             "spec_decode": self.spec.snapshot() if self.spec is not None else None,
         }
 

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 
+import ray
 import torch
 from ray import serve
 
@@ -121,12 +122,41 @@ class EngineReplica:
         self.metrics.spills.inc(now[2] - before[2])
         self._levels_reported = now
     policy_version = -1
+    num_reused_tokens = 0  # prompt tokens whose KV came from the store (prefix reuse)
 
     async def _read_stored(self, stored: KVPayload) -> KVPayload:
         """A payload of the kv_store's object refs, read (zero-copy on the same node)."""
         blocks = await asyncio.gather(*stored.blocks)
         self.metrics.kv_transfer_bytes.inc(stored.num_bytes)
         return KVPayload(stored.layout, stored.num_tokens, list(blocks), stored.spans, stored.sizes)
+
+    async def _store(self, key: str, exported: KVPayload, token_ids: list[int]) -> KVPayload:
+        """Put an engine's exported KV into the object store and register it with the
+        kv_store under `key`, indexed by `token_ids` for prefix reuse; returns the payload
+        of object refs."""
+        payload = KVPayload(
+            exported.layout,
+            exported.num_tokens,
+            [ray.put(b) for b in exported.blocks],
+            exported.spans,
+            exported.sizes,
+        )
+        self.metrics.kv_transfer_bytes.inc(payload.num_bytes)
+        await self.kv_store.put.remote(key, payload, self.replica_id, token_ids)
+        return payload
+
+    async def _cached_prefix(self, prompt_token_ids: list[int]) -> KVPayload | None:
+        """The stored KV of this prompt's longest cached prefix (an earlier turn of the
+        conversation, a shared system prompt), so the engine computes only the rest."""
+        if not self.config.kv_cache.prefix_reuse:
+            return None
+        stored = await self.kv_store.match_prefix.remote(
+            list(prompt_token_ids), self.config.kv_cache.block_size, self.replica_id
+        )
+        if stored is None:
+            return None
+        self.num_reused_tokens += stored.num_tokens
+        return await self._read_stored(stored)
 
     def _apply_policy(self, policy: RuntimePolicy) -> None:
         """A new run-time policy arrived with a report answer; roles extend what they use."""

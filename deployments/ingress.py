@@ -63,7 +63,9 @@ class ClosingStreamingResponse(StreamingResponse):
 
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, config: dict):
+    def __init__(
+        self, prefill: DeploymentHandle | None, decode: DeploymentHandle, config: dict
+    ):
         configure_logging()
         self.config = InferosConfig.model_validate(config)
         path = resolve_model_path(self.config.model.path)
@@ -94,7 +96,8 @@ class Ingress:
     @app.get("/health")
     async def health(self) -> Response:
         snap = await self.scheduler.snapshot.remote()
-        if not snap["decode"] or not snap["prefill"]:
+        # no prefill replica is configured where one engine serves the node (pd_mode auto)
+        if not snap["decode"] or (self.config.has_prefill_replicas and not snap["prefill"]):
             return JSONResponse({"status": "starting", "replicas": snap}, status_code=503)
         return JSONResponse({"status": "ok"})
 
@@ -256,7 +259,13 @@ class Ingress:
     ) -> asyncio.Queue[TokenDelta]:
         queue = await self.mux.open(p.req_id, plan.decode_replica)
         request = DecodeRequest(
-            p.req_id, p.prompt_ids, first_token, p.params, kv_key, self.replica_id
+            p.req_id,
+            p.prompt_ids,
+            first_token,
+            p.params,
+            kv_key,
+            self.replica_id,
+            store_turn=hasattr(p.request, "messages"),
         )
         error = await self.decode.submit.remote(request, replica_id=plan.decode_replica)
         if error is not None:

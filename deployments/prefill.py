@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-import ray
 from ray import serve
 
 from deployments.engine_replica import EngineReplica
 from serving.engine.engine import StepOutput
 from serving.engine.sequence import Sequence
-from serving.kv.block_format import KVPayload
 from serving.messages import PrefillRequest, PrefillResult, Role
 
 
@@ -23,8 +21,6 @@ class PrefillServer(EngineReplica):
         await self._start_engine(config)
         self.num_prefills = 0
         self.num_prompt_tokens = 0
-        self.num_reused_tokens = 0
-        self.prefix_reuse = self.config.kv_cache.prefix_reuse
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -54,20 +50,9 @@ class PrefillServer(EngineReplica):
         kv_key = None
         num_blocks = 0
         if not out.finished and out.kv_export is not None:
-            exported = out.kv_export
-            payload = KVPayload(
-                exported.layout,
-                exported.num_tokens,
-                [ray.put(b) for b in exported.blocks],
-                exported.spans,
-                exported.sizes,
-            )
             kv_key = f"kv-{req.req_id}"
+            payload = await self._store(kv_key, out.kv_export, list(req.prompt_token_ids))
             num_blocks = payload.num_blocks
-            self.metrics.kv_transfer_bytes.inc(payload.num_bytes)
-            await self.kv_store.put.remote(
-                kv_key, payload, self.replica_id, list(req.prompt_token_ids)
-            )
         return PrefillResult(
             req_id=req.req_id,
             first_token_id=out.new_token_ids[0],
@@ -77,19 +62,6 @@ class PrefillServer(EngineReplica):
             num_kv_blocks=num_blocks,
             replica_id=self.replica_id,
         )
-
-    async def _cached_prefix(self, prompt_token_ids: list[int]) -> KVPayload | None:
-        """The stored KV of this prompt's longest cached prefix (an earlier turn of the
-        conversation, a shared system prompt), so prefill computes only the rest."""
-        if not self.prefix_reuse:
-            return None
-        stored = await self.kv_store.match_prefix.remote(
-            list(prompt_token_ids), self.config.kv_cache.block_size, self.replica_id
-        )
-        if stored is None:
-            return None
-        self.num_reused_tokens += stored.num_tokens
-        return await self._read_stored(stored)
 
     async def stats(self) -> dict:
         return await super().stats() | {

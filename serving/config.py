@@ -10,10 +10,17 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
 from serving.backends.ort.providers import DEFAULT_PREFERENCE as DEFAULT_PROVIDERS
 from serving.engine.engine import EngineConfig
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 matmuls in hardware (AVX-512-BF16 or AMX tiles), as torch sees this CPU."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 class _Strict(BaseModel):
@@ -27,8 +34,12 @@ class ModelSettings(_Strict):
     served_model_name: str | None = Field(
         None, description="Name in /v1/models; default: folder name"
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16", description="Weight dtype; bfloat16 halves the bytes read per decode step"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="auto: the fastest on this CPU: bfloat16 where it multiplies bf16 natively "
+        "(AVX-512-BF16, AMX), else float32 compute with the int4 path for small steps and bf16 "
+        "copies where bf16 measures faster; bfloat16 halves the bytes read per decode step; "
+        "float32: fp32 everywhere (no int4 path: transformers' numerics)",
     )
     max_model_len: PositiveInt = Field(2048, description="Prompt + generated tokens per request")
     int4_max_tokens: int = Field(
@@ -49,7 +60,10 @@ class KVCacheSettings(_Strict):
     block_size: Literal[8, 16, 32] = 16
     num_blocks: PositiveInt = Field(1024, description="KV blocks per engine (prefill and decode)")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="KV cache dtype; auto = the model's dtype"
+        "auto",
+        description="KV cache dtype; auto = the model's dtype, but float32 for a bfloat16 "
+        "model on a CPU without native bf16 (no AVX-512-BF16 or AMX: attention's small "
+        "bf16 matmuls run emulated there, 8x slower than fp32)",
     )
     store_budget_bytes: PositiveInt = Field(
         2 * 1024**3,
@@ -79,16 +93,22 @@ class KVCacheSettings(_Strict):
 
 class SchedulingSettings(_Strict):
     max_num_seqs: PositiveInt = Field(64, description="Sequences in one decode batch")
-    max_num_batched_tokens: PositiveInt = Field(4096, description="Tokens in one prefill step")
+    max_num_batched_tokens: PositiveInt = Field(
+        512,
+        description="token budget of one engine step: every running sequence's next token, "
+        "then chunks of waiting prompts (chunked prefill); on a 2-core CPU 512 prompt tokens "
+        "cost about one second, so a burst of new prompts never stalls running streams longer",
+    )
     max_pending_requests: PositiveInt = Field(
         256, description="Requests admitted at once by the ingress; beyond them 429"
     )
     pd_mode: Literal["disaggregated", "colocated", "auto"] = Field(
-        "disaggregated",
+        "auto",
         description="disaggregated: prefill replicas compute the prompt's KV and hand it to "
         "decode through the kv_store; colocated: the decode replica prefills too (one "
         "process per request: what pays on a small CPU-only box); auto: per request, short "
-        "prompts prefill on the decode replica",
+        "prompts prefill on the decode replica, and where prefill and decode would share one "
+        "node's CPU cores no prefill replica is started at all (one engine per node)",
     )
     stream_interval: PositiveInt = Field(
         1, description="Engine steps per streamed chunk (like vLLM's --stream-interval)"
@@ -102,7 +122,9 @@ class SchedulingSettings(_Strict):
 
 
 class RoleSettings(_Strict):
-    num_replicas: PositiveInt = 1
+    num_replicas: NonNegativeInt = Field(
+        1, description="prefill: 0 = none (the decode replicas prefill: colocated)"
+    )
     autoscaling_config: dict | None = Field(
         None,
         description="Ray Serve autoscaling (min_replicas, max_replicas, "
@@ -190,9 +212,13 @@ class ServerSettings(_Strict):
 class SpeculationSettings(_Strict):
     """Speculative decoding on decode replicas (switchable at run time: RuntimePolicy)."""
 
-    enabled: bool = Field(False, description="speculate from the start")
+    enabled: bool = Field(
+        True,
+        description="speculate from the start (the gate still measures, per batch size, "
+        "whether it pays, and speculates only where it does)",
+    )
     method: Literal["truncated", "ngram", "model"] = Field(
-        "truncated",
+        "ngram",
         description="truncated: the target's first num_draft_layers layers + final norm + "
         "LM head (no extra weights, shares the target's KV); ngram: prompt lookup; model: "
         "the model folder draft_model (same tokenizer)",
@@ -260,6 +286,14 @@ class InferosConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _decode_and_ingress_run(self) -> InferosConfig:
+        for name in ("decode", "ingress"):
+            role: RoleSettings = getattr(self, name)
+            if role.num_replicas == 0 and role.autoscaling_config is None:
+                raise ValueError(f"{name}.num_replicas must be at least 1")
+        return self
+
+    @model_validator(mode="after")
     def _unit_is_whole_blocks(self) -> InferosConfig:
         if self.kv_cache.quant_unit_tokens % self.kv_cache.block_size:
             raise ValueError(
@@ -292,9 +326,34 @@ class InferosConfig(_Strict):
             return settings.torch_threads
         if role == "ingress":
             return 1
-        if self.scheduling.pd_mode == "colocated":
+        if self.scheduling.pd_mode == "colocated" or not self.has_prefill_replicas:
             return max(1, num_cpus)
         return max(1, num_cpus // 2)
+
+    @property
+    def model_dtype(self) -> str:
+        """The weights' and activations' dtype `model.dtype` resolves to on this CPU."""
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+    @property
+    def fast_kernels(self) -> bool:
+        """The int4 path and measured dense kernels: for bfloat16 and auto, never for an
+        explicit float32 (reference numerics)."""
+        return self.model.dtype != "float32"
+
+    @property
+    def kv_dtype(self) -> str:
+        if self.kv_cache.dtype != "auto":
+            return self.kv_cache.dtype
+        if self.model_dtype == "bfloat16" and not cpu_has_native_bf16():
+            return "float32"
+        return self.model_dtype
+
+    @property
+    def has_prefill_replicas(self) -> bool:
+        return self.prefill.num_replicas > 0 or self.prefill.autoscaling_config is not None
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -303,7 +362,7 @@ class InferosConfig(_Strict):
             max_num_seqs=self.scheduling.max_num_seqs,
             max_num_batched_tokens=self.scheduling.max_num_batched_tokens,
             max_model_len=self.model.max_model_len,
-            kv_dtype=self.model.dtype if self.kv_cache.dtype == "auto" else self.kv_cache.dtype,
+            kv_dtype=self.kv_dtype,
             kv_profile=self.kv_cache.profile,
             kv_unit_tokens=self.kv_cache.quant_unit_tokens,
             kv_spill_dir=self.kv_cache.spill_dir,

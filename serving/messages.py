@@ -48,6 +48,9 @@ class DecodeRequest:
     params: SamplingParams
     kv_key: str | None
     subscriber_id: str  # the ingress replica whose stream carries this request's tokens
+    # a chat turn: the decode replica that prefilled it stores its KV (prompt and answer)
+    # when it finishes, for the next turn, which repeats both
+    store_turn: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from serving.config import RoleSettings
+from serving.config import InferosConfig, RoleSettings
 
 logger = logging.getLogger(__name__)
 
@@ -56,3 +56,25 @@ def placement_options(
     for note in notes:
         logger.warning("placement fallback: %s", note)
     return options, notes
+
+
+def _cpu_only(settings: RoleSettings) -> bool:
+    return not (settings.num_gpus or settings.resources or settings.accelerator_type)
+
+
+def one_engine_per_node(config: InferosConfig, num_nodes: int) -> InferosConfig:
+    """`config` with no prefill replica where, in `pd_mode: auto`, prefill and decode would
+    only share one node's CPU cores: two engines' OpenMP teams on the same cores stall each
+    other at every barrier, and a KV hand-over between them buys nothing. The decode
+    replica then prefills itself (chunked into its decode steps) with all the cores.
+    Disaggregation stays where a role asks for a device or the cluster has several nodes,
+    where the prefill backend is not ours, and wherever asked for (`disaggregated`)."""
+    if config.scheduling.pd_mode != "auto" or num_nodes > 1:
+        return config
+    prefill = config.prefill
+    if prefill.autoscaling_config is not None or prefill.backend != "torch":
+        return config
+    if not (_cpu_only(prefill) and _cpu_only(config.decode)):
+        return config
+    logger.info("one engine per node: CPU-only prefill and decode on one node; no prefill replica")
+    return config.model_copy(update={"prefill": prefill.model_copy(update={"num_replicas": 0})})

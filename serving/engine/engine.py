@@ -210,8 +210,9 @@ class LLMEngine:
             seq.output_token_ids.append(token)
             reason = self._finish_reason(seq, token)
             export = None
-            if seq.export_kv:
-                # A prefill engine hands the prompt's KV on after its first token.
+            # A prefill engine hands the prompt's KV on after its first token; a decode
+            # engine that prefilled itself hands a finished turn's KV on for the next turn.
+            if seq.export_kv or (reason is not None and seq.export_kv_at_finish):
                 export = self.staged.export(
                     seq, seq.num_computed_tokens, self.runner.layout, self.runner.export_blocks
                 )

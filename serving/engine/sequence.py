@@ -33,6 +33,8 @@ class Sequence:
     kv_import: KVPayload | None = None
     # Hand the prompt's KV back instead of freeing it when the request finishes.
     export_kv: bool = False
+    # Hand the KV of everything computed back when it finishes (a turn the next may reuse).
+    export_kv_at_finish: bool = False
     max_model_len: int = 2048
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

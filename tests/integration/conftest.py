@@ -62,10 +62,14 @@ def _merge(base: dict, overrides: dict) -> dict:
     return out
 
 
-# fp32 weights so greedy output can be compared token for token with transformers.
+# fp32 weights so greedy output can be compared token for token with transformers. The
+# shared test app is disaggregated without speculation (a prefill replica, KV through the
+# store: what a node with separate devices runs); test_default_engine.py runs the product
+# defaults (one engine, speculation on).
 DEFAULT_CONFIG: dict = {
     "model": {"dtype": "float32"},
-    "scheduling": {"max_pending_requests": MAX_PENDING},
+    "scheduling": {"max_pending_requests": MAX_PENDING, "pd_mode": "disaggregated"},
+    "speculation": {"enabled": False},
     "kv_cache": {"num_blocks": 512},
     "server": {"admin_token": ADMIN_TOKEN},
 }

@@ -379,7 +379,8 @@ def test_config_defaults_are_valid() -> None:
     ec = cfg.engine_config()
     assert isinstance(ec, EngineConfig)
     assert (ec.num_blocks, ec.block_size, ec.max_num_seqs) == (1024, 16, 64)
-    assert (ec.max_num_batched_tokens, ec.max_model_len) == (4096, 2048)
+    assert (ec.max_num_batched_tokens, ec.max_model_len) == (512, 2048)
+    assert ec.chunked_prefill  # the budget is shared by decode rows and prompt chunks
     assert ec.kv_dtype in ("float32", "bfloat16")
     assert cfg.ingress.torch_threads == 1 and cfg.ingress.num_cpus == 0.1
 

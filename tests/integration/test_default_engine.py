@@ -1,0 +1,96 @@
+"""The product defaults on a CPU-only node: one engine (no prefill replica; the decode
+replica prefills in chunks mixed into its decode steps), n-gram speculation on, prefix
+reuse through the kv_store for the decode replica's own prefills. Greedy output in fp32
+still equals transformers', turn after turn, the later turns reusing the earlier ones'
+KV (their answers included)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from serving.models.pull import ensure_default_model
+from tests.integration.conftest import MODEL
+
+pytestmark = pytest.mark.integration
+
+# fp32 for the comparison with transformers; everything else is the product's default
+DEFAULTS = {"scheduling": {"pd_mode": "auto"}, "speculation": {"enabled": True}}
+STORY = "Tell me a long story about a dragon who learns to read."
+NUM_TOKENS = 32
+
+
+@pytest.fixture(scope="module")
+def hf():
+    folder = ensure_default_model(progress=False)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return tok, model
+
+
+def _hf_greedy(hf, messages: list[dict], num_tokens: int) -> tuple[list[int], str]:
+    tok, model = hf
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=num_tokens,
+            min_new_tokens=num_tokens,
+            do_sample=False,
+        )
+    return ids, tok.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
+
+
+def _chat(app, messages: list[dict], session: str) -> str:
+    resp = app.client().chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=NUM_TOKENS,
+        temperature=0,
+        extra_body={"min_tokens": NUM_TOKENS},
+        extra_headers={"X-Session-Id": session},
+    )
+    assert resp.usage.completion_tokens == NUM_TOKENS
+    return resp.choices[0].message.content
+
+
+def test_one_engine_per_node_by_default(apps) -> None:
+    app = apps.get(DEFAULTS)
+    snapshot = ray.get(app.scheduler().snapshot.remote())
+    assert snapshot["prefill"] == {} and len(snapshot["decode"]) == 1
+    assert app.http().get("/health").json() == {"status": "ok"}
+    stats = app.deployment("decode").stats.remote().result()
+    assert stats["spec_decode"] is not None, "speculation is not configured by default"
+
+
+def test_turns_equal_transformers_and_reuse_the_earlier_turns(apps, hf) -> None:
+    app = apps.get(DEFAULTS)
+    decode = app.deployment("decode")
+    messages = [{"role": "user", "content": STORY}]
+    previous_ids: list[int] = []
+    for turn in range(3):
+        before = decode.stats.remote().result()
+        prompt_ids, expected = _hf_greedy(hf, messages, NUM_TOKENS)
+        text = _chat(app, messages, "dragon-story")
+        assert text == expected, f"turn {turn}"
+        after = decode.stats.remote().result()
+        assert after["num_local_prefills"] == before["num_local_prefills"] + 1
+        reused = after["num_reused_tokens"] - before["num_reused_tokens"]
+        if turn == 0:
+            assert reused == 0
+        else:
+            # the earlier turns' prompts and answers came from the store, bar the tail of
+            # the last turn that did not fill a block and the end-of-turn tokens the template
+            # adds after an answer
+            block = app.config.kv_cache.block_size
+            assert reused >= len(previous_ids) + NUM_TOKENS - 2 * block, (reused, turn)
+            assert reused < len(prompt_ids)
+        previous_ids = prompt_ids
+        messages = [
+            *messages,
+            {"role": "assistant", "content": text},
+            {"role": "user", "content": "Go on with the story."},
+        ]
