@@ -107,8 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "answer; reports TTFT per turn",
     )
     parser.add_argument("--turns", type=int, default=4, help="multi-turn: turns per session")
+    parser.add_argument("--sessions", type=int, default=4, help="multi-turn: concurrent sessions")
     parser.add_argument(
-        "--sessions", type=int, default=4, help="multi-turn: concurrent sessions"
+        "--cold-probe",
+        action="store_true",
+        help="multi-turn: afterwards, one fresh prompt per session as long as its last turn "
+        "(nothing of it stored): the TTFT a warm turn is compared with",
     )
     parser.add_argument(
         "--turn-len", type=int, default=64, help="multi-turn: new user tokens per later turn"

@@ -66,6 +66,41 @@ async def _session(
     return records
 
 
+# what SmolLM2's chat template adds around a lone user message (its system prompt, tags)
+TEMPLATE_TOKENS = 30
+
+
+async def _cold_probes(
+    client, model: str, config: ClientConfig, texts: list[str]
+) -> list[dict[str, Any]]:
+    """One fresh prompt per text, one after the other (each alone on the server, as the
+    sessions' last turns were not): TTFT without a stored prefix but the system prompt."""
+    records = []
+    for i, text in enumerate(texts):
+        started = time.perf_counter()
+        record: dict[str, Any] = {"session": i, "turn": "cold", "ttft_s": None, "error": None}
+        try:
+            stream = await client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": text}],
+                max_tokens=1,
+                temperature=config.temperature,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers={"X-Session-Id": f"cold-{i}-{time.monotonic_ns()}"},
+            )
+            async with stream:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        record["prompt_tokens"] = chunk.usage.prompt_tokens
+                    if record["ttft_s"] is None and chunk.choices:
+                        record["ttft_s"] = time.perf_counter() - started
+        except Exception as e:
+            record["error"] = f"{type(e).__name__}: {e}"
+        records.append(record)
+    return records
+
+
 def _per_turn(records: list[dict[str, Any]], turns: int) -> dict[str, dict[str, Any]]:
     out = {}
     for turn in range(1, turns + 1):
@@ -136,6 +171,23 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     summary = asyncio.run(_run(args, config, [p.text for p in firsts + extras]))
+    if args.cold_probe:
+        last = summary["per_turn"][str(args.turns)]
+        cold_len = max(16, round(last["prompt_tokens_mean"] or args.input_len) - TEMPLATE_TOKENS)
+        probes = build_prompts(text, counter, args.sessions, cold_len, args.seed + 7)
+        records = asyncio.run(_cold_probe_run(config, args, [p.text for p in probes]))
+        summary["records"] += records
+        # the probes' row, in the same form as a turn's
+        cold = _per_turn([{**r, "turn": 1} for r in records], 1)["1"]
+        summary["per_turn"]["cold"] = cold
+        warm = last["ttft_ms"]["p50"]
+        cold_p50 = summary["per_turn"]["cold"]["ttft_ms"]["p50"]
+        if warm and cold_p50:
+            summary["cold_over_warm_ttft_p50"] = cold_p50 / warm
+            print(
+                f"cold prompt of the last turn's length: TTFT p50 {cold_p50:.0f} ms, "
+                f"{cold_p50 / warm:.1f}x the warm turn {args.turns}'s"
+            )
     for turn, row in summary["per_turn"].items():
         t = row["ttft_ms"]
         p50 = f"{t['p50']:.0f}" if t["p50"] is not None else "-"
@@ -154,6 +206,14 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r["completed"] for r in summary["per_turn"].values()) else 1
 
 
+async def _cold_probe_run(
+    config: ClientConfig, args: argparse.Namespace, texts: list[str]
+) -> list[dict[str, Any]]:
+    client = make_client(config)
+    model = args.model or await resolve_model(client)
+    return await _cold_probes(client, model, config, texts)
+
+
 def plot_turns(summaries: list[dict], labels: list[str], path: Path) -> None:
     """TTFT p50 per turn, one bar group per summary (e.g. reuse on vs off)."""
     import matplotlib
@@ -161,7 +221,7 @@ def plot_turns(summaries: list[dict], labels: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    turns = sorted({int(t) for s in summaries for t in s["per_turn"]})
+    turns = sorted({int(t) for s in summaries for t in s["per_turn"] if t != "cold"})
     width = 0.8 / len(summaries)
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (s, label) in enumerate(zip(summaries, labels, strict=True)):
