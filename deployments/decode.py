@@ -4,6 +4,7 @@ batching, and streams every engine step's new tokens to each ingress in one mess
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 
 from ray import serve
@@ -15,6 +16,8 @@ from serving.engine.sequence import Sequence
 from serving.messages import DecodeRequest, ReplicaLoad, Role, TokenDelta
 from serving.spec.decode_step import SpecDecodeStep
 from serving.spec.replica import SpecMetricsPusher, attach_speculation
+
+logger = logging.getLogger(__name__)
 
 
 class DecodeServer(EngineReplica):
@@ -62,10 +65,10 @@ class DecodeServer(EngineReplica):
         --stream-interval does, so the hops behind us pay per N tokens, not per token."""
         by_subscriber: dict[str, list[TokenDelta]] = {}
         for out in outputs:
-            if out.finished and self._storing:
-                self._store_turn(out)
+            storing = out.finished and out.req_id in self._storing
             subscriber = self._subscriber_of.get(out.req_id)
             if subscriber is None:  # aborted meanwhile
+                self._storing.pop(out.req_id, None)
                 continue
             held = self._held.setdefault(out.req_id, [])
             held.extend(out.new_token_ids)
@@ -78,9 +81,11 @@ class DecodeServer(EngineReplica):
             if out.finished:
                 del self._subscriber_of[out.req_id]
                 self._streamed.discard(out.req_id)
-            by_subscriber.setdefault(subscriber, []).append(
-                TokenDelta(out.req_id, held, out.finished, out.finish_reason, out.error)
-            )
+            delta = TokenDelta(out.req_id, held, out.finished, out.finish_reason, out.error)
+            if storing:  # the turn ends for the client once its KV is in the store
+                self._store_turn(out, subscriber, delta)
+                continue
+            by_subscriber.setdefault(subscriber, []).append(delta)
         for subscriber, deltas in by_subscriber.items():
             self._queue(subscriber).put_nowait(deltas)
 
@@ -110,18 +115,26 @@ class DecodeServer(EngineReplica):
         self.thread.add(seq)
         return None
 
-    def _store_turn(self, out: StepOutput) -> None:
-        """A finished turn of a sequence this replica prefilled: its KV (prompt and answer)
-        into the store, indexed by its tokens, so the next turn of the conversation finds
-        it as a prefix. Off the engine thread and off the request's path."""
-        seq = self._storing.pop(out.req_id, None)
-        if seq is None or out.kv_export is None or out.finish_reason not in ("stop", "length"):
-            return
-        exported = out.kv_export
-        token_ids = seq.token_ids(0, exported.num_tokens)
-        task = asyncio.get_running_loop().create_task(
-            self._store(f"turn-{out.req_id}", exported, token_ids)
-        )
+    def _store_turn(self, out: StepOutput, subscriber: str, last: TokenDelta) -> None:
+        """A finished chat turn this replica prefilled: its KV (prompt and answer) into the
+        store, indexed by its tokens, so the next turn finds it as a prefix; then the turn's
+        last delta. In that order: a client sends the next turn as soon as this one ends,
+        and must find it stored. Off the engine thread; the other requests go on."""
+        seq = self._storing.pop(out.req_id)
+        queue = self._queue(subscriber)
+
+        async def store_then_finish() -> None:
+            try:
+                if out.kv_export is not None and out.finish_reason in ("stop", "length"):
+                    exported = out.kv_export
+                    token_ids = seq.token_ids(0, exported.num_tokens)
+                    await self._store(f"turn-{out.req_id}", exported, token_ids)
+            except Exception:  # a lost store is a later cache miss, never a failed turn
+                logger.warning("storing turn %s failed", out.req_id, exc_info=True)
+            finally:
+                queue.put_nowait([last])
+
+        task = asyncio.get_running_loop().create_task(store_then_finish())
         self._store_tasks.add(task)  # keep a reference until done
         task.add_done_callback(self._store_tasks.discard)
 
