@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from serving.backends.kv_import import same_geometry
 from serving.engine.scheduler import SchedulerOutput
 from serving.engine.staged_kv import HOLE, StagedPlan
 from serving.kv.block_format import KVLayout, KVPayload
@@ -107,7 +108,9 @@ class ModelRunner:
         return KVPayload(layout=self.layout, num_tokens=num_tokens, blocks=blocks)
 
     def import_blocks(self, block_table: list[int], payload: KVPayload) -> None:
-        if payload.layout != self.layout:
+        """Blocks of another float dtype convert on the copy (a vLLM prefill's bf16 KV
+        into a pool kept in fp32 on a CPU without native bf16)."""
+        if not same_geometry(payload.layout, self.layout):
             raise ValueError(
                 f"KV layout {payload.layout} does not match this engine's {self.layout}"
             )

@@ -3,6 +3,7 @@ batching, block accounting, preemption, abort, stop conditions and KV export/imp
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from serving.engine.engine import EngineConfig, LLMEngine, StepOutput
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import FinishReason, SeqStatus, Sequence
+from serving.kv.block_format import KVPayload
 from serving.models.loader import load_model
 
 PROMPTS = [
@@ -357,3 +359,18 @@ def test_mixed_steps_give_each_sequence_its_alone_tokens(model, eos, prompt_ids,
     assert mixed_steps >= 3
     assert [s.output_token_ids for s in seqs] == alone
     assert engine.block_pool.num_free_blocks == engine.config.num_blocks
+
+
+def test_import_converts_another_float_dtype(model, eos, story) -> None:
+    """A bf16 payload (a vLLM prefill) lands in an fp32 pool as its values, converted."""
+    ids, _ = story
+    prefill = _engine(model, eos, block_size=16, num_blocks=8)
+    prefill.add_request(Sequence("x", list(ids), _greedy(4), export_kv=True))
+    payload = prefill.step()[0].kv_export
+    layout = dataclasses.replace(payload.layout, dtype="bfloat16")
+    bf16 = KVPayload(layout, payload.num_tokens, [b.to(torch.bfloat16) for b in payload.blocks])
+    pool = ModelRunner(model, num_blocks=8, block_size=16, kv_dtype=torch.float32)
+    table = list(range(bf16.num_blocks))
+    pool.import_blocks(table, bf16)
+    for b, block in zip(table, bf16.blocks, strict=True):
+        assert torch.equal(pool.kv_cache[:, :, b], block.float())
