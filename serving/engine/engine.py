@@ -209,16 +209,7 @@ class LLMEngine:
             token = sampled[row]
             seq.output_token_ids.append(token)
             reason = self._finish_reason(seq, token)
-            export = None
-            # A prefill engine hands the prompt's KV on after its first token; a decode
-            # engine that prefilled itself hands a finished turn's KV on for the next turn.
-            if seq.export_kv or (reason is not None and seq.export_kv_at_finish):
-                export = self.staged.export(
-                    seq, seq.num_computed_tokens, self.runner.layout, self.runner.export_blocks
-                )
-            if reason is not None or seq.export_kv:
-                self.scheduler.finish(seq)
-                seq.finish_reason = reason
+            export = self.release_if_done(seq, reason)
             outputs.append(
                 StepOutput(
                     req_id=seq.req_id,
@@ -230,6 +221,21 @@ class LLMEngine:
                 )
             )
         return outputs
+
+    def release_if_done(self, seq: Sequence, reason: FinishReason | None) -> KVPayload | None:
+        """After `seq`'s tokens of a step are committed (plain or speculative step): if it
+        is done here, its blocks go back, with its KV exported first where asked for. A
+        prefill engine hands the prompt's KV on after its first token; a decode engine that
+        prefilled a chat turn hands the finished turn's KV on for the next turn."""
+        export = None
+        if seq.export_kv or (reason is not None and seq.export_kv_at_finish):
+            export = self.staged.export(
+                seq, seq.num_computed_tokens, self.runner.layout, self.runner.export_blocks
+            )
+        if reason is not None or seq.export_kv:
+            self.scheduler.finish(seq)
+            seq.finish_reason = reason
+        return export
 
     def _finish_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         p = seq.params

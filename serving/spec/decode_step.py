@@ -210,9 +210,10 @@ class SpecDecodeStep:
                     break
             # computed now: the newest token and the accepted drafts that were emitted
             seq.num_computed_tokens = start + len(new)
+            export = None
             if reason is not None:
-                engine.scheduler.finish(seq)
-                seq.finish_reason = reason
+                # the engine's own release: a turn that asks for its KV gets it exported
+                export = engine.release_if_done(seq, reason)
                 self._forget(seq.req_id)
             else:
                 self._trim([seq])
@@ -223,6 +224,7 @@ class SpecDecodeStep:
                     finished=reason is not None,
                     finish_reason=reason.value if reason else None,
                     num_prompt_tokens=len(seq.prompt_token_ids),
+                    kv_export=export,
                 )
             )
         return outputs

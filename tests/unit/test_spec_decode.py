@@ -185,3 +185,32 @@ def test_draft_model_rolls_back_to_the_common_prefix(model_folder) -> None:
     # a sequence the caller no longer sends is dropped when room is needed; release frees
     proposer.release("a")
     assert proposer.pool.num_free_blocks == 8 and not proposer.states
+
+
+def test_a_turn_finished_by_a_speculative_step_hands_its_kv_on(model, prompts) -> None:
+    """A sequence that asks for its KV at the end gets it, whichever kind of step ends it:
+    the speculative step releases through the engine's own path."""
+    engine = _engine(model)
+    engine.spec = SpecDecodeStep(engine, NgramProposer(), k_max=4, gate=AlwaysSpeculate())
+    seqs = []
+    for i, ids in enumerate(prompts):
+        for n in (20, 23, 26, 29):
+            seq = Sequence(f"t{i}-{n}", list(ids), SamplingParams(max_tokens=n, temperature=0))
+            seq.export_kv_at_finish = True
+            engine.add_request(seq)
+            seqs.append(seq)
+    finished = {}
+    ended_by_spec = 0
+    while engine.has_unfinished():
+        spec_steps = engine.spec.stats.num_spec_steps
+        outputs = engine.step()
+        speculative = engine.spec.stats.num_spec_steps > spec_steps
+        for out in outputs:
+            if out.finished:
+                finished[out.req_id] = out
+                ended_by_spec += speculative
+    assert ended_by_spec > 0, "no sequence ended on a speculative step"
+    for seq in seqs:
+        out = finished[seq.req_id]
+        assert out.kv_export is not None, seq.req_id
+        assert out.kv_export.num_tokens == seq.num_computed_tokens == seq.num_tokens - 1
