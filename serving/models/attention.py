@@ -102,16 +102,32 @@ def _per_sequence_attention(
     quantized prefix)."""
     outputs = []
     start = 0
-    for i, (n, ctx) in enumerate(zip(meta.query_lens, meta.context_lens_list, strict=True)):
-        q_i = q[start : start + n]
-        if n == ctx:  # nothing cached before these tokens: use them as they are
-            k_i, v_i = k_new[start : start + n], v_new[start : start + n]
-        else:
-            plan = meta.staged.for_row(i) if meta.staged is not None else None
-            k_i, v_i = _gather_context(layer_cache, meta.block_tables[i], ctx, plan, meta.layer)
-        outputs.append(_causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale))
+    for i, n in enumerate(meta.query_lens):
+        outputs.append(_row_attention(q, k_new, v_new, layer_cache, meta, scale, i, start, n))
         start += n
     return torch.cat(outputs, dim=0)
+
+
+def _row_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    layer_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    row: int,
+    start: int,
+    n: int,
+) -> torch.Tensor:
+    """Row `row`'s `n` queries (flat tokens from `start`) causally over its context."""
+    ctx = meta.context_lens_list[row]
+    q_i = q[start : start + n]
+    if n == ctx:  # nothing cached before these tokens: use them as they are
+        k_i, v_i = k_new[start : start + n], v_new[start : start + n]
+    else:
+        plan = meta.staged.for_row(row) if meta.staged is not None else None
+        k_i, v_i = _gather_context(layer_cache, meta.block_tables[row], ctx, plan, meta.layer)
+    return _causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale)
 
 
 def gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -377,11 +393,8 @@ def _mixed_attention(
     out[mixed.decode_tokens] = _decode_attention(
         q.index_select(0, mixed.decode_tokens), layer_cache, decode, scale
     )
-    for row, start, n, ctx in mixed.chunks:
-        q_i = q[start : start + n]
-        if n == ctx:  # a prompt's first chunk: nothing cached before it
-            k_i, v_i = k_new[start : start + n], v_new[start : start + n]
-        else:
-            k_i, v_i = _gather_context(layer_cache, meta.block_tables[row], ctx)
-        out[start : start + n] = _causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale)
+    for row, start, n, _ in mixed.chunks:
+        out[start : start + n] = _row_attention(
+            q, k_new, v_new, layer_cache, meta, scale, row, start, n
+        )
     return out
