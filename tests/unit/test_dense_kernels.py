@@ -51,3 +51,29 @@ def test_never_keeps_no_copy() -> None:
 
 def test_measurement_returns_a_bucket_or_never() -> None:
     assert measure_fp32_min_tokens(64, 32, torch.bfloat16) in (*BUCKETS, NEVER)
+
+
+def test_native_bf16_never_switches_and_measures_nothing(monkeypatch) -> None:
+    """On a CPU that multiplies bf16 natively no shape switches to fp32, whatever a noisy
+    measurement would have said: `measure_fp32_min_tokens` must not even run."""
+    from serving.models import dense_kernels
+
+    monkeypatch.setattr("serving.config.cpu_has_native_bf16", lambda: True)
+
+    def _no_measure(*_args: object) -> int:
+        raise AssertionError("measured on a native-bf16 CPU")
+
+    monkeypatch.setattr(dense_kernels, "measure_fp32_min_tokens", _no_measure)
+    shapes = {(64, 32), (3072, 576)}
+    assert dense_kernels.fp32_thresholds(shapes, torch.bfloat16) == dict.fromkeys(shapes, NEVER)
+
+
+def test_cache_key_names_the_isa(monkeypatch) -> None:
+    """Two CPUs of one model name but different ISAs (Zen 3 AVX2, Zen 4 AVX-512-BF16) must
+    not share a verdict."""
+    from serving.models import dense_kernels
+
+    monkeypatch.setattr("serving.config.cpu_has_native_bf16", lambda: True)
+    native = dense_kernels.cache_key(torch.bfloat16, 8, 8)
+    monkeypatch.setattr("serving.config.cpu_has_native_bf16", lambda: False)
+    assert dense_kernels.cache_key(torch.bfloat16, 8, 8) != native
