@@ -13,6 +13,7 @@ from serving.models.arch import LlamaArch
 from serving.models.dense_kernels import use_measured_dense
 from serving.models.int4 import repack_int4
 from serving.models.llama import LlamaForCausalLM
+from serving.models.q8_head import use_q8_head
 from serving.models.rope import rope_cache
 
 logger = logging.getLogger(__name__)
@@ -78,7 +79,9 @@ def load_model(
     measured_dense: bool = False,
 ) -> LlamaForCausalLM:
     """`int4_max_tokens > 0`: steps of up to that many tokens run on a lossless 4-bit
-    repack (bf16 activations) of the linear layers whose weights came from a 4-bit GGUF.
+    repack (bf16 activations) of the linear layers whose weights came from a 4-bit GGUF,
+    and an LM head that came from a Q8_0 tensor samples few rows from its int8 codes
+    (`q8_head`, exact weights, fp32 sums).
     `measured_dense`: plain linear layers switch between bf16 and fp32 at the batch size
     from which this machine runs fp32 faster (`dense_kernels`, measured once per machine).
     Neither (the default) keeps `dtype` everywhere: the reference numerics."""
@@ -96,10 +99,12 @@ def load_model(
     model.rope_cos, model.rope_sin = cos, sin
     if int4_max_tokens > 0 and dtype in (torch.bfloat16, torch.float32):
         repack_int4(model, source, int4_max_tokens)
+    if arch.tie_word_embeddings:  # the head as loaded: the embedding
+        source["lm_head.weight"] = source["embed_tokens.weight"]
     if measured_dense:
-        if arch.tie_word_embeddings:  # the head's fp32 copy: the embedding as loaded
-            source["lm_head.weight"] = source["embed_tokens.weight"]
         use_measured_dense(model, source)
+    if int4_max_tokens > 0 and "lm_head.weight" in source:
+        use_q8_head(model, source["lm_head.weight"], dtype)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"weights missing from {folder}: {missing[:5]}")

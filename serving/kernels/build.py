@@ -1,0 +1,83 @@
+"""Build (once per machine) and load a C++ kernel of `csrc/`, which registers its ops as
+`torch.ops.inferos.*` when loaded.
+
+Built the first time a process asks for it, with `-O3 -march=native -fopenmp`, into a
+directory keyed by CPU model and flags, torch and Python versions and the flags, so every
+later process of the machine loads the cached `.so` (cpp_extension's file lock keeps
+concurrent builds from clashing, and ninja rebuilds only when the source changed). A
+machine that cannot build logs one warning and callers keep their torch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from serving.env import inferos_home
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).parent / "csrc"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+
+_lock = threading.Lock()
+_loaded: dict[str, bool] = {}
+
+
+def _cpu_signature() -> str:
+    """Model name and feature flags: a `-march=native` build runs only where they match."""
+    name = flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()}|{flags}"
+
+
+def build_directory(name: str) -> Path:
+    key = "|".join(
+        [_cpu_signature(), torch.__version__, platform.python_version(), " ".join(CFLAGS)]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return inferos_home() / "torch_extensions" / f"{name}-{digest}"
+
+
+def _build(name: str) -> None:
+    from torch.utils import cpp_extension
+
+    directory = build_directory(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=f"inferos_{name}",
+        sources=[str(CSRC / f"{name}.cpp")],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        is_python_module=False,  # the library registers torch.ops.inferos.* when loaded
+        verbose=False,
+    )
+
+
+def load_kernel(name: str, op: str) -> bool:
+    """Whether `torch.ops.inferos.<op>` (from `csrc/<name>.cpp`) can run here, building it
+    on the first call; False, with one warning logged, where the build fails."""
+    if name not in _loaded:
+        with _lock:
+            if name not in _loaded:
+                try:
+                    _build(name)
+                    getattr(torch.ops.inferos, op)  # registered?
+                    _loaded[name] = True
+                except Exception as e:  # a missing compiler, ninja or header: any build error
+                    logger.warning("kernel %s unavailable, using the torch path: %s", name, e)
+                    _loaded[name] = False
+    return _loaded[name]
