@@ -1,4 +1,7 @@
-"""The torch engine: one synchronous `step()` = schedule → run the model → sample → update.
+"""The torch engine: one synchronous `step()` = schedule → run the model → sample → commit.
+
+Plain and speculative steps share the sampler (`serving.engine.sampler`) and the commit
+path (`LLMEngine.commit`); a speculative step is attached with `attach_spec`.
 
 No threads or Ray here; `engine_thread.py` drives it from a serving process.
 """
@@ -109,10 +112,27 @@ class LLMEngine:
         self.last_step: StepStats | None = None
         self.num_preemptions = 0
         self.num_decode_steps = 0
-        # speculative decoding (serving.spec.decode_step.SpecDecodeStep), set by its owner
-        self.spec: SpecDecodeStep | None = None
+        self._spec: SpecDecodeStep | None = None  # see attach_spec
         self.importance_layer = self.runner.layout.num_layers // 2
         self.rebalance_every = REBALANCE_EVERY  # decode steps between level decisions
+
+    # --- speculative decoding ------------------------------------------------------------
+    @property
+    def spec(self) -> SpecDecodeStep | None:
+        """The attached speculative step, if any (read-only: see `attach_spec`)."""
+        return self._spec
+
+    def attach_spec(self, spec: SpecDecodeStep) -> None:
+        """Run decode batches through `spec` from now on (it falls back to a plain step
+        where it cannot speculate). Not a constructor argument: a `SpecDecodeStep` is built
+        over this engine's runner, block pool and scheduler (a truncated draft shares the
+        runner), which exist only once the engine does; and a decode replica gets its
+        engine from the backend registry, then adds speculation where the backend allows."""
+        if spec.engine is not self:
+            raise ValueError("a SpecDecodeStep can only drive the engine it was built over")
+        if self._spec is not None:
+            raise RuntimeError("this engine already has a speculative step")
+        self._spec = spec
 
     # --- requests ------------------------------------------------------------------------
     def add_request(self, seq: Sequence) -> None:
@@ -161,7 +181,7 @@ class LLMEngine:
             self._record_importance(batch.seqs, self.runner.last_importance)
         sampling = [batch.seqs[row] for row in batch.sampling_rows]
         tokens = sample(logits, sampling, self.eos_token_ids) if sampling else []
-        outputs = self._update(batch, tokens)
+        outputs = self._commit_step(batch, tokens)
         if self.spec is not None and not batch.is_prefill:
             return self._finish_decode(batch, outputs, started)
         self.last_step = StepStats(
@@ -197,36 +217,55 @@ class LLMEngine:
         """Run-time profile change; blocks move on the next rebalance."""
         self.staged.set_profile(profile, window)
 
-    def _update(self, batch: SchedulerOutput, tokens: list[int]) -> list[StepOutput]:
-        """Commit one step: `tokens` are the sampled tokens of the rows that sample, in row
-        order; a prompt chunk that is not the prompt's last only counts as computed."""
+    def _commit_step(self, batch: SchedulerOutput, tokens: list[int]) -> list[StepOutput]:
+        """Commit a plain step: `tokens` are the sampled tokens of the rows that sample, in
+        row order; a prompt chunk that is not the prompt's last only counts as computed."""
         outputs = []
         sampled = dict(zip(batch.sampling_rows, tokens, strict=True))
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled_tokens, strict=True)):
-            seq.num_computed_tokens += n
-            if row not in sampled:
-                continue
-            token = sampled[row]
-            seq.output_token_ids.append(token)
-            reason = self._finish_reason(seq, token)
-            export = self.release_if_done(seq, reason)
-            outputs.append(
-                StepOutput(
-                    req_id=seq.req_id,
-                    new_token_ids=[token],
-                    finished=reason is not None,
-                    finish_reason=reason.value if reason else None,
-                    num_prompt_tokens=len(seq.prompt_token_ids),
-                    kv_export=export,
-                )
-            )
+            if row in sampled:
+                outputs.append(self.commit(seq, [sampled[row]], num_input_tokens=n))
+            else:
+                seq.num_computed_tokens += n
         return outputs
 
-    def release_if_done(self, seq: Sequence, reason: FinishReason | None) -> KVPayload | None:
-        """After `seq`'s tokens of a step are committed (plain or speculative step): if it
-        is done here, its blocks go back, with its KV exported first where asked for. A
-        prefill engine hands the prompt's KV on after its first token; a decode engine that
-        prefilled a chat turn hands the finished turn's KV on for the next turn."""
+    def commit(self, seq: Sequence, tokens: list[int], num_input_tokens: int = 1) -> StepOutput:
+        """Commit the tokens one step accepted for `seq`, plain (one token) or speculative
+        (1..k+1): append them up to and including the first that finishes the sequence
+        (a stop id, EOS once `min_tokens` are out, `max_tokens`, `max_model_len`); advance
+        its computed prefix; release it if done; return what was kept.
+
+        `num_input_tokens`: tokens of `seq` the step computed before its first new token:
+        a plain step's scheduled count (1 in decode, the chunk in prefill), 1 for a
+        speculative step (its newest token). Every kept token but the last was an input of
+        the same pass (a verified draft), so its KV is written too: a speculative step
+        keeping 3 tokens advances the prefix by 1 + 2, and the last stays uncomputed."""
+        if not tokens:
+            raise ValueError("a step commits at least one token")
+        new: list[int] = []
+        reason = None
+        for token in tokens:
+            seq.output_token_ids.append(token)
+            new.append(token)
+            reason = self._finish_reason(seq, token)
+            if reason is not None:
+                break
+        seq.num_computed_tokens += num_input_tokens + len(new) - 1
+        export = self._release_if_done(seq, reason)
+        return StepOutput(
+            req_id=seq.req_id,
+            new_token_ids=new,
+            finished=reason is not None,
+            finish_reason=reason.value if reason else None,
+            num_prompt_tokens=len(seq.prompt_token_ids),
+            kv_export=export,
+        )
+
+    def _release_if_done(self, seq: Sequence, reason: FinishReason | None) -> KVPayload | None:
+        """After `commit` took `seq`'s tokens of a step: if it is done here, its blocks go
+        back, with its KV exported first where asked for. A prefill engine hands the
+        prompt's KV on after its first token; a decode engine that prefilled a chat turn
+        hands the finished turn's KV on for the next turn."""
         export = None
         if seq.export_kv or (reason is not None and seq.export_kv_at_finish):
             export = self.staged.export(

@@ -13,6 +13,10 @@ a draft of k_i tokens d_1..d_k:
 4. the computed prefix is now p_i + a + 1 tokens; the K/V slots of rejected drafts lie
    beyond it and are overwritten when those positions are computed, and blocks beyond the
    sequence's length go back to the pool: the rollback.
+
+The target distributions, seeds and min_tokens rule are the plain sampler's
+(`serving.engine.sampler`), and the accepted tokens are committed by `LLMEngine.commit`,
+as a plain step's are.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from policies.speculation import SpecController, SpecGate
-from serving.engine.sampler import _filter_top_k_top_p
+from serving.engine.sampler import distributions, seeded_generator
 from serving.engine.scheduler import SchedulerOutput, blocks_for
 from serving.engine.sequence import Sequence
 from serving.spec.forward import make_metadata, run_layers
@@ -36,7 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_POSITION_STRIDE = 1_000_003  # as the plain sampler mixes a seed with the position
 PRUNE_EVERY_N_STEPS = 64
 
 
@@ -157,76 +160,34 @@ class SpecDecodeStep:
         self.last_num_tokens = sum(counts)
         return model.compute_logits(model.norm(h))
 
-    def _target_probs(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
-        """The distribution the plain sampler would draw from at each row (position j has
-        j more output tokens before it, which matters for min_tokens). Greedy: the masked
-        logits themselves, as verification only takes their argmax."""
-        p = seq.params
-        logits = logits.clone()
-        banned = list(set(self.engine.eos_token_ids) | set(p.stop_token_ids))
-        for j in range(logits.shape[0]):
-            if banned and seq.num_output_tokens + j < p.min_tokens:
-                logits[j, banned] = float("-inf")
-        if p.greedy:
-            return logits
-        rows = [
-            torch.softmax(_filter_top_k_top_p(logits[j] / p.temperature, p.top_k, p.top_p), -1)
-            for j in range(logits.shape[0])
-        ]
-        return torch.stack(rows)
-
     def _accept(
         self, seqs: list[Sequence], drafts: list[list[int]], logits: torch.Tensor
     ) -> list[StepOutput]:
-        from serving.engine.engine import StepOutput
-
         engine = self.engine
         outputs = []
         offset = 0
         for seq, draft in zip(seqs, drafts, strict=True):
             n = len(draft) + 1
-            probs = self._target_probs(seq, logits[offset : offset + n])
+            # the plain sampler's distribution at each of the n positions
+            probs = distributions(logits[offset : offset + n], seq, engine.eos_token_ids)
             offset += n
-            generator = None
-            if seq.params.seed is not None:
-                generator = torch.Generator().manual_seed(
-                    (seq.params.seed * _POSITION_STRIDE + seq.num_tokens) % (2**63)
-                )
             result = verify(
-                probs, None, torch.tensor(draft, dtype=torch.long), generator, seq.params.greedy
+                probs,
+                None,
+                torch.tensor(draft, dtype=torch.long),
+                seeded_generator(seq),
+                seq.params.greedy,
             )
             if draft:
                 self._controller(seq).update(len(draft), result.num_accepted_drafts)
             self.stats.record(seq.req_id, len(draft), result.num_accepted_drafts)
-
-            start = seq.num_computed_tokens
-            new: list[int] = []
-            reason = None
-            for token in result.accepted_tokens:
-                seq.output_token_ids.append(token)
-                new.append(token)
-                reason = engine._finish_reason(seq, token)
-                if reason is not None:
-                    break
-            # computed now: the newest token and the accepted drafts that were emitted
-            seq.num_computed_tokens = start + len(new)
-            export = None
-            if reason is not None:
-                # the engine's own release: a turn that asks for its KV gets it exported
-                export = engine.release_if_done(seq, reason)
+            # input: the newest token; the accepted drafts were inputs of the same pass
+            out = engine.commit(seq, result.accepted_tokens, num_input_tokens=1)
+            if out.finished:
                 self._forget(seq.req_id)
             else:
                 self._trim([seq])
-            outputs.append(
-                StepOutput(
-                    req_id=seq.req_id,
-                    new_token_ids=new,
-                    finished=reason is not None,
-                    finish_reason=reason.value if reason else None,
-                    num_prompt_tokens=len(seq.prompt_token_ids),
-                    kv_export=export,
-                )
-            )
+            outputs.append(out)
         return outputs
 
     def _trim(self, seqs: list[Sequence]) -> None:

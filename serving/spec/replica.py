@@ -45,7 +45,7 @@ def attach_speculation(
             config.model.int4_max_tokens if config.fast_kernels else 0,
         )
     spec = build_spec_step(settings, engine, proposer)
-    engine.spec = spec
+    engine.attach_spec(spec)
     logger.info(
         "speculative decoding ready: %s, k_max %d, %s",
         proposer.name,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from serving.engine.sampler import sample
+from serving.engine.sampler import distributions, sample
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import Sequence
 
@@ -133,3 +133,16 @@ def test_ignore_eos_alone_does_not_suppress_eos_in_the_sampler() -> None:
     logits = torch.full((1, 10), -5.0)
     logits[0, 2] = 10.0
     assert sample(logits.clone(), [_seq(temperature=0.0, ignore_eos=True)], EOS) == [2]
+
+
+def test_distributions_ban_stops_by_position() -> None:
+    """Row j of a speculative step's logits comes after j more outputs: with 2 outputs and
+    min_tokens 4, rows 0 and 1 may not pick EOS or a stop id, row 2 may."""
+    logits = torch.zeros(3, 10)
+    seq = _seq(num_outputs=2, temperature=0.0, min_tokens=4, stop_token_ids=(5,))
+    dist = distributions(logits, seq, EOS)
+    assert dist is logits  # greedy: the banned logits themselves, for their argmax
+    assert torch.isinf(dist[:2, [2, 5]]).all() and not torch.isinf(dist[2]).any()
+    probs = distributions(torch.zeros(3, 10), _seq(num_outputs=2, min_tokens=4), EOS)
+    assert torch.allclose(probs.sum(-1), torch.ones(3))
+    assert probs[0, 2] == 0 and probs[1, 2] == 0 and probs[2, 2] > 0

@@ -1,7 +1,7 @@
 """BlockPool and BatchScheduler bookkeeping with model-free sequences.
 
 `_advance` plays the engine's part after each step (count computed tokens, append the
-sampled token), so the scheduler sees the same state changes as in `LLMEngine._update`.
+sampled token), so the scheduler sees the same state changes as in `LLMEngine.commit`.
 """
 
 from __future__ import annotations

@@ -102,9 +102,8 @@ def test_greedy_output_identical_with_speculation(
     kind, model, prompts, plain_greedy, model_folder
 ) -> None:
     engine = _engine(model)
-    engine.spec = SpecDecodeStep(
-        engine, _proposer(kind, engine, model_folder), k_max=4, gate=AlwaysSpeculate()
-    )
+    proposer = _proposer(kind, engine, model_folder)
+    engine.attach_spec(SpecDecodeStep(engine, proposer, k_max=4, gate=AlwaysSpeculate()))
     speculative = _run(engine, prompts)
     assert speculative == plain_greedy
     stats = engine.spec.stats
@@ -131,9 +130,8 @@ def test_rollback_leaves_no_stale_slots_or_blocks(model, prompts) -> None:
     newest token are computed, and the cached K/V of those tokens equal a fresh prefill of
     the same tokens: no rejected draft's K/V is left inside the context."""
     engine = _engine(model)
-    engine.spec = SpecDecodeStep(
-        engine, TruncatedDraft(engine.runner, 10, 4096), k_max=4, gate=AlwaysSpeculate()
-    )
+    proposer = TruncatedDraft(engine.runner, 10, 4096)
+    engine.attach_spec(SpecDecodeStep(engine, proposer, k_max=4, gate=AlwaysSpeculate()))
     fresh = _engine(model)
     checked = {"steps": 0, "kv": 0}
 
@@ -191,7 +189,7 @@ def test_a_turn_finished_by_a_speculative_step_hands_its_kv_on(model, prompts) -
     """A sequence that asks for its KV at the end gets it, whichever kind of step ends it:
     the speculative step releases through the engine's own path."""
     engine = _engine(model)
-    engine.spec = SpecDecodeStep(engine, NgramProposer(), k_max=4, gate=AlwaysSpeculate())
+    engine.attach_spec(SpecDecodeStep(engine, NgramProposer(), k_max=4, gate=AlwaysSpeculate()))
     seqs = []
     for i, ids in enumerate(prompts):
         for n in (20, 23, 26, 29):

@@ -89,8 +89,8 @@ def _sample(folder: Path) -> tuple[list[list[int]], SpecDecodeStep]:
     model = load_model(folder, torch.float32)
     cfg = EngineConfig(num_blocks=512, block_size=4, max_num_seqs=64, max_model_len=32)
     engine = LLMEngine(model, cfg, (2,))
-    engine.spec = SpecDecodeStep(
-        engine, TruncatedDraft(engine.runner, 1), k_max=3, gate=AlwaysSpeculate()
+    engine.attach_spec(
+        SpecDecodeStep(engine, TruncatedDraft(engine.runner, 1), k_max=3, gate=AlwaysSpeculate())
     )
     params = SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True)
     for i in range(N):

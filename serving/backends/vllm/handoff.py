@@ -77,7 +77,8 @@ def _forced_gaps(
             logits = engine.runner.execute(batch, plan, -1)[0]
             gaps.append(float(logits.max() - logits[token]))
             picks.append(int(logits.argmax()))  # the greedy sampler's rule (first max)
-            engine._update(batch, [token])  # the engine's bookkeeping, with vLLM's token
+            # the engine's commit, with vLLM's token in place of our pick
+            engine.commit(batch.seqs[0], [token], batch.num_scheduled_tokens[0])
     return gaps, picks
 
 
