@@ -11,6 +11,7 @@ picks by the number of tokens in the step.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +100,65 @@ def repack_int4(
                 swapped += 1
     logger.info("int4 repack: %d linear layers on a 4-bit grid", swapped)
     return swapped
+
+
+# token counts at which the int4 kernel is timed against the dense path of its layer
+INT4_BUCKETS = (1, 2, 4, 8, 16)
+_REPEATS = 7
+
+
+def _min_s(fn) -> float:
+    """The fastest of a few runs: interference from other work only ever adds time."""
+    fn()
+    best = float("inf")
+    for _ in range(_REPEATS):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def measure_max_int4_tokens(layer: HybridInt4Linear, dtype: torch.dtype, cap: int) -> int:
+    """The largest bucket (up to `cap`) up to which the int4 kernel beats the layer's dense
+    path at every bucket; 0 if it never does. Where bf16 is native the dense bf16 GEMM
+    catches up with int4 within a few rows (qkv at 8 rows, Zen 4: 0.07 vs 0.29 ms); where
+    it is emulated, int4 stays ahead longer."""
+    gen = torch.Generator().manual_seed(0)
+    best = 0
+    saved = layer.max_int4_tokens
+    try:
+        for tokens in INT4_BUCKETS:
+            if tokens > cap:
+                break
+            x = torch.randn(tokens, layer.weight.shape[1], generator=gen).to(dtype)
+            layer.max_int4_tokens = tokens
+            t_int4 = _min_s(lambda x=x: layer(x))
+            layer.max_int4_tokens = 0
+            if t_int4 >= _min_s(lambda x=x: layer(x)):
+                break
+            best = tokens
+    finally:
+        layer.max_int4_tokens = saved
+    return best
+
+
+def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
+    """Each int4 layer runs int4 up to the token count measured for its shape (once per
+    machine, `kernels.json`), at most `cap`; its dense path (after `use_measured_dense`)
+    is what int4 is measured against."""
+    from serving.models.dense_kernels import cache_key, measured_once
+
+    layers = [m for m in model.modules() if isinstance(m, HybridInt4Linear)]
+    by_shape = {tuple(m.weight.shape): m for m in layers}
+    keys = {shape: f"int4 tokens<={cap}|" + cache_key(dtype, *shape) for shape in by_shape}
+    measures = {
+        keys[shape]: (lambda m=m: measure_max_int4_tokens(m, dtype, cap))
+        for shape, m in by_shape.items()
+    }
+    known = measured_once(measures, "int4 kernel")
+    for m in layers:
+        m.max_int4_tokens = known[keys[tuple(m.weight.shape)]]
+    logger.info(
+        "int4 path up to %s tokens per shape",
+        {f"{n}x{k}": known[key] for (n, k), key in keys.items()},
+    )

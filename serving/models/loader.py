@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from serving.models.arch import LlamaArch
 from serving.models.dense_kernels import use_measured_dense
-from serving.models.int4 import repack_int4
+from serving.models.int4 import repack_int4, use_measured_int4
 from serving.models.llama import LlamaForCausalLM
 from serving.models.q8_head import use_q8_head
 from serving.models.rope import rope_cache
@@ -103,6 +103,8 @@ def load_model(
         source["lm_head.weight"] = source["embed_tokens.weight"]
     if measured_dense:
         use_measured_dense(model, source)
+    if int4_max_tokens > 0 and measured_dense:
+        use_measured_int4(model, dtype, int4_max_tokens)
     if int4_max_tokens > 0 and "lm_head.weight" in source:
         use_q8_head(model, source["lm_head.weight"], dtype)
     missing = [n for n, p in model.named_parameters() if p.is_meta]

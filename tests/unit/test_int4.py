@@ -94,3 +94,32 @@ def test_default_model_repacks_every_linear_layer_and_keeps_its_predictions(mode
     assert torch.equal(expected.argmax(-1), got.argmax(-1))
     # bf16 rounding of activations and of the group scales, nothing more
     assert (expected - got).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_measured_int4_count_is_a_bucket_within_the_cap_and_restores_the_layer() -> None:
+    from serving.models.int4 import INT4_BUCKETS, measure_max_int4_tokens
+
+    w = _grid_weight(64, 64)
+    layer = HybridInt4Linear(nn.Linear(64, 64, bias=False), *quantize_on_grid(w), 8)
+    layer.weight.data = w.to(torch.bfloat16)
+    got = measure_max_int4_tokens(layer, torch.bfloat16, cap=4)
+    assert got == 0 or (got in INT4_BUCKETS and got <= 4)
+    assert layer.max_int4_tokens == 8  # measuring leaves the layer as it was
+
+
+def test_every_layer_of_a_shape_gets_its_shapes_measured_count(monkeypatch) -> None:
+    from serving.models import dense_kernels, int4
+
+    model = nn.Sequential(*(nn.Linear(64, 64, bias=False) for _ in range(3)))
+    source = {f"{i}.weight": _grid_weight(64, 64, seed=i) for i in range(3)}
+    assert repack_int4(model, source, max_int4_tokens=8) == 3
+    calls = []
+
+    def fake_measured_once(measures, what):
+        calls.append(sorted(measures))
+        return {key: 2 for key in measures}
+
+    monkeypatch.setattr(dense_kernels, "measured_once", fake_measured_once)
+    int4.use_measured_int4(model, torch.bfloat16, cap=8)
+    assert len(calls) == 1 and len(calls[0]) == 1  # one shape, measured once
+    assert [m.max_int4_tokens for m in model] == [2, 2, 2]
