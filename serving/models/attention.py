@@ -14,6 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from serving.kernels.paged_attention import (
+    kernel_supports,
+    paged_decode_attention,
+    paged_decode_attention_staged,
+)
 from serving.models.staged_attention import staged_decode_attention
 
 if TYPE_CHECKING:
@@ -284,15 +289,21 @@ def _decode_attention(
     The `group` query heads sharing a KV head are laid out as `group` query rows of that
     head, so one SDPA call over `[num_seqs, num_kv_heads, group, head_dim]` does GQA
     without repeating K/V. With quantized units in the batch, `staged_attention` instead.
+    Either way the C++ kernels (`serving.kernels.paged_attention`) where they run, unless
+    this layer's attention mass is wanted.
     """
     want_mass = meta.layer == meta.importance_layer
     if meta.staged is not None and meta.staged.compact is not None:
+        if not want_mass and kernel_supports(q, layer_cache):
+            return paged_decode_attention_staged(q, layer_cache, meta.staged, meta.layer, scale)
         out, mass = staged_decode_attention(
             q, layer_cache, meta.staged, meta.layer, scale, want_mass
         )
         if mass is not None:
             meta.importance = mass
         return out
+    if not want_mass and kernel_supports(q, layer_cache):  # K/V read in place, fp32 sums
+        return paged_decode_attention(q, layer_cache, meta.block_tables, meta.context_lens, scale)
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
     group = num_heads // num_kv_heads
