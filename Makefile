@@ -25,8 +25,11 @@ $(INSTALLED): pyproject.toml
 
 install: $(INSTALLED)
 
+# the default model, then the C++ kernels (serving/kernels), built once per machine so that
+# no server's first decode step waits for the compiler
 model: install
 	$(VENV)/bin/inferos models pull
+	$(PY) -m serving.kernels || echo "C++ kernels not built: the torch path serves (see the warning above)"
 
 serve: model
 	$(VENV)/bin/inferos serve --host $(HOST) --port $(PORT)

@@ -74,6 +74,18 @@ def _median_s(fn: Callable[[], object]) -> float:
     return statistics.median(times)
 
 
+def fastest_s(fn: Callable[[], object], repeats: int = 7) -> float:
+    """The fastest of a few runs of `fn` (after a warm-up): interference from other work
+    only ever adds time, so the minimum is the least noisy estimate on a shared box."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def measure_fp32_min_tokens(n: int, k: int, dtype: torch.dtype) -> int:
     """The smallest bucket from which an fp32 matmul `[m, k] x [k, n]` (inputs cast in and
     out) is faster than one in `dtype` at every larger bucket; NEVER if none.

@@ -11,7 +11,6 @@ picks by the number of tokens in the step.
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 import torch.nn.functional as F
@@ -104,18 +103,6 @@ def repack_int4(
 
 # token counts at which the int4 kernel is timed against the dense path of its layer
 INT4_BUCKETS = (1, 2, 4, 8, 16)
-_REPEATS = 7
-
-
-def _min_s(fn) -> float:
-    """The fastest of a few runs: interference from other work only ever adds time."""
-    fn()
-    best = float("inf")
-    for _ in range(_REPEATS):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
 
 
 def measure_max_int4_tokens(layer: HybridInt4Linear, dtype: torch.dtype, cap: int) -> int:
@@ -123,6 +110,8 @@ def measure_max_int4_tokens(layer: HybridInt4Linear, dtype: torch.dtype, cap: in
     path at every bucket; 0 if it never does. Where bf16 is native the dense bf16 GEMM
     catches up with int4 within a few rows (qkv at 8 rows, Zen 4: 0.07 vs 0.29 ms); where
     it is emulated, int4 stays ahead longer."""
+    from serving.models.dense_kernels import fastest_s
+
     gen = torch.Generator().manual_seed(0)
     best = 0
     saved = layer.max_int4_tokens
@@ -132,9 +121,9 @@ def measure_max_int4_tokens(layer: HybridInt4Linear, dtype: torch.dtype, cap: in
                 break
             x = torch.randn(tokens, layer.weight.shape[1], generator=gen).to(dtype)
             layer.max_int4_tokens = tokens
-            t_int4 = _min_s(lambda x=x: layer(x))
+            t_int4 = fastest_s(lambda x=x: layer(x))
             layer.max_int4_tokens = 0
-            if t_int4 >= _min_s(lambda x=x: layer(x)):
+            if t_int4 >= fastest_s(lambda x=x: layer(x)):
                 break
             best = tokens
     finally:

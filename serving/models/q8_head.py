@@ -13,19 +13,16 @@ switches at the row count measured once per machine (`kernels.json`).
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from serving.kernels import q8_linear as q8
-from serving.models.dense_kernels import NEVER, cache_key, measured_once
+from serving.models.dense_kernels import NEVER, cache_key, fastest_s, measured_once
 
 logger = logging.getLogger(__name__)
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-_REPEATS = 7
 
 
 class Q8Head(nn.Module):
@@ -51,17 +48,6 @@ class Q8Head(nn.Module):
         return self.dense(x)
 
 
-def _min_s(fn: Callable[[], object]) -> float:
-    """The fastest of a few runs: interference from other work only ever adds time."""
-    fn()
-    best = float("inf")
-    for _ in range(_REPEATS):
-        started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
-
-
 def measure_max_q8_rows(head: Q8Head, dtype: torch.dtype) -> int:
     """The largest row bucket up to which the int8 kernel beats the dense head at every
     bucket (0 if it never does)."""
@@ -69,7 +55,7 @@ def measure_max_q8_rows(head: Q8Head, dtype: torch.dtype) -> int:
     best = 0
     for rows in ROW_BUCKETS:
         x = torch.randn(rows, head.packed_codes.shape[1], generator=gen).to(dtype)
-        if _min_s(lambda x=x: head.q8(x)) >= _min_s(lambda x=x: head.dense(x)):
+        if fastest_s(lambda x=x: head.q8(x)) >= fastest_s(lambda x=x: head.dense(x)):
             break
         best = rows
     return best

@@ -95,11 +95,12 @@ inline float exp_nonpositive(float x) {
   return p * two_n;
 }
 
-// Turns `scores [group, len]` into e^(s - max) per row in place; returns the row sums.
+// Turns the first `len` scores of each of `group` rows (`stride` apart) into e^(s - max)
+// in place; returns the row sums.
 inline void softmax_numerators(float* scores, const float* row_max, float* row_sum,
-                               int64_t group, int64_t len) {
+                               int64_t group, int64_t len, int64_t stride) {
   for (int64_t g = 0; g < group; ++g) {
-    float* sg = scores + g * len;
+    float* sg = scores + g * stride;
     const float m = row_max[g];
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -148,7 +149,7 @@ void item_vectorized(const Item<C>& it, const float* qf, float* scores, float* o
       }
     }
   }
-  softmax_numerators(scores, row_max, row_sum, G, it.len);
+  softmax_numerators(scores, row_max, row_sum, G, it.len, it.len);
   vfloat acc[G][NC] = {};
   for (int64_t t0 = 0; t0 < it.len; t0 += it.block_size) {
     const int64_t base = it.table[t0 / it.block_size] * it.block_size * it.token_stride;
@@ -192,7 +193,7 @@ void item_generic(const Item<C>& it, const float* qf, float* scores, float* out,
       row_max[g] = std::max(row_max[g], s);
     }
   }
-  softmax_numerators(scores, row_max.data(), row_sum.data(), group, it.len);
+  softmax_numerators(scores, row_max.data(), row_sum.data(), group, it.len, it.len);
   std::fill(out, out + group * d, 0.f);
   for (int64_t t = 0; t < it.len; ++t) {
     const C* vr = it.v_base + (it.table[t / it.block_size] * it.block_size + t % it.block_size) *
@@ -486,17 +487,8 @@ void staged_kernel(const at::Tensor& q, const at::Tensor& cache, const at::Tenso
           }
         }
       }
-      for (int64_t g = 0; g < group; ++g) {  // rows' scores sit max_len apart here
-        float* sg = scores.data() + g * max_len;
-        const float m = row_max[g];
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < len; ++t) {
-          sg[t] = exp_nonpositive(sg[t] - m);
-          sum += sg[t];
-        }
-        row_sum[g] = sum;
-      }
+      // rows' scores sit max_len apart here
+      softmax_numerators(scores.data(), row_max.data(), row_sum.data(), group, len, max_len);
       // pass 2: the same tokens in the same order, weighted values
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(pz.begin(), pz.end(), 0.f);
