@@ -16,7 +16,7 @@ def main() -> int:
         ("q8_linear", q8_linear.kernel_available),
     ):
         started = time.perf_counter()
-        print(f"kernel {name}: building (once per machine) ...", flush=True)
+        print(f"kernel {name}: loading (compiled on first use, once per machine) ...", flush=True)
         built = available()
         ok &= built
         state = "ready" if built else "FAILED (the torch path serves instead)"

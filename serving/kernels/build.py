@@ -44,8 +44,19 @@ def _cpu_signature() -> str:
 
 
 def build_directory(name: str) -> Path:
+    """Keyed by the source's path and text too: ninja rebuilds whenever the path it built
+    from changes, so two checkouts sharing `$INFEROS_HOME` (a CI clone beside a working
+    tree) would otherwise rebuild each other's library on every first use (~12 s)."""
+    source = CSRC / f"{name}.cpp"
     key = "|".join(
-        [_cpu_signature(), torch.__version__, platform.python_version(), " ".join(CFLAGS)]
+        [
+            _cpu_signature(),
+            torch.__version__,
+            platform.python_version(),
+            " ".join(CFLAGS),
+            str(source.resolve()),
+            hashlib.sha256(source.read_bytes()).hexdigest(),
+        ]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return inferos_home() / "torch_extensions" / f"{name}-{digest}"
