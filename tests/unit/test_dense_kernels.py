@@ -77,3 +77,21 @@ def test_cache_key_names_the_isa(monkeypatch) -> None:
     native = dense_kernels.cache_key(torch.bfloat16, 8, 8)
     monkeypatch.setattr("serving.config.cpu_has_native_bf16", lambda: False)
     assert dense_kernels.cache_key(torch.bfloat16, 8, 8) != native
+
+
+def test_prepacked_bf16_path_is_bit_identical_to_f_linear() -> None:
+    """The oneDNN-prepacked weight runs the same kernel as F.linear without its per-call
+    reorder: the same bits at every row count, with and without a bias. Where bf16 is
+    native the layer must actually take that path."""
+    from serving.config import cpu_has_native_bf16
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(96, 64, generator=gen).to(torch.bfloat16)
+    b = torch.randn(96, generator=gen).to(torch.bfloat16)
+    for bias in (None, b):
+        layer = DenseLinear(w, bias, NEVER)
+        if cpu_has_native_bf16() and torch.backends.mkldnn.is_available():
+            assert layer.packed16 is not None
+        for rows in (1, 3, 9, 32, 77, 512):
+            x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, w, bias))
