@@ -139,8 +139,8 @@ def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
 
     layers = [m for m in model.modules() if isinstance(m, HybridInt4Linear)]
     by_shape = {tuple(m.weight.shape): m for m in layers}
-    # v2: measured against the prepacked dense path
-    keys = {shape: f"int4 tokens<={cap} v2|" + cache_key(dtype, *shape) for shape in by_shape}
+    # v3: measured against the prepacked dense path, caches cold
+    keys = {shape: f"int4 tokens<={cap} v3|" + cache_key(dtype, *shape) for shape in by_shape}
     measures = {
         keys[shape]: (lambda m=m: measure_max_int4_tokens(m, dtype, cap))
         for shape, m in by_shape.items()

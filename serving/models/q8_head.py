@@ -69,7 +69,7 @@ def use_q8_head(model: nn.Module, source_weight: torch.Tensor, dtype: torch.dtyp
         return False
     head = Q8Head(model.lm_head, *packed)
     n, k = source_weight.shape
-    key = "q8 head rows v2|" + cache_key(dtype, n, k)  # v2: against the prepacked head
+    key = "q8 head rows v3|" + cache_key(dtype, n, k)  # v3: against the prepacked head, caches cold
     rows = measured_once({key: lambda: measure_max_q8_rows(head, dtype)}, "q8 head")[key]
     head.max_q8_rows = 0 if rows >= NEVER else rows
     if head.max_q8_rows == 0:
