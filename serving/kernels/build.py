@@ -44,14 +44,17 @@ def _cpu_signature() -> str:
 
 
 def build_directory(name: str) -> Path:
-    """Keyed by the source's path and text too: ninja rebuilds whenever the path it built
-    from changes, so two checkouts sharing `$INFEROS_HOME` (a CI clone beside a working
-    tree) would otherwise rebuild each other's library on every first use (~12 s)."""
+    """Keyed by the source's path and text and by torch's install location too: ninja
+    rebuilds whenever the paths in its command change, so two checkouts sharing
+    `$INFEROS_HOME` (a CI clone beside a working tree), or two venvs of one checkout (the
+    vLLM hand-over runs under .venv-vllm), would otherwise rebuild each other's library on
+    every first use (~12 s)."""
     source = CSRC / f"{name}.cpp"
     key = "|".join(
         [
             _cpu_signature(),
             torch.__version__,
+            str(Path(torch.__file__).resolve().parent),
             platform.python_version(),
             " ".join(CFLAGS),
             str(source.resolve()),
