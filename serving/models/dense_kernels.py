@@ -104,6 +104,25 @@ def fastest_s(fn: Callable[[], object], repeats: int = 7) -> float:
     return best
 
 
+def largest_winning_bucket(
+    buckets: tuple[int, ...],
+    in_features: int,
+    dtype: torch.dtype,
+    fast: Callable[[torch.Tensor], object],
+    dense: Callable[[torch.Tensor], object],
+) -> int:
+    """The largest of `buckets` (row counts, ascending) up to which `fast` beats `dense` at
+    every bucket, timed on random `[rows, in_features]` inputs; 0 if it never does."""
+    gen = torch.Generator().manual_seed(0)
+    best = 0
+    for rows in buckets:
+        x = torch.randn(rows, in_features, generator=gen).to(dtype)
+        if fastest_s(lambda x=x: fast(x)) >= fastest_s(lambda x=x: dense(x)):
+            break
+        best = rows
+    return best
+
+
 def measure_fp32_min_tokens(n: int, k: int, dtype: torch.dtype) -> int:
     """The smallest bucket from which an fp32 matmul `[m, k] x [k, n]` (inputs cast in and
     out) is faster than one in `dtype` at every larger bucket; NEVER if none.

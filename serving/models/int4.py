@@ -107,28 +107,27 @@ INT4_BUCKETS = (1, 2, 4, 8, 16)
 
 def measure_max_int4_tokens(layer: HybridInt4Linear, dtype: torch.dtype, cap: int) -> int:
     """The largest bucket (up to `cap`) up to which the int4 kernel beats the layer's dense
-    path at every bucket; 0 if it never does. Where bf16 is native the dense bf16 GEMM
-    catches up with int4 within a few rows (qkv at 8 rows, Zen 4: 0.07 vs 0.29 ms); where
-    it is emulated, int4 stays ahead longer."""
-    from serving.models.dense_kernels import fastest_s
+    path at every bucket; 0 if it never does. Timed with cold caches (see `fastest_s`):
+    hot, the dense bf16 path looked faster from 2 tokens on this Zen 4; cold, as weights
+    are in a forward pass, int4 wins up to 8 on every SmolLM2 shape."""
+    from serving.models.dense_kernels import largest_winning_bucket
 
-    gen = torch.Generator().manual_seed(0)
-    best = 0
+    def run(x: torch.Tensor, max_int4_tokens: int) -> torch.Tensor:
+        layer.max_int4_tokens = max_int4_tokens
+        return layer(x)
+
     saved = layer.max_int4_tokens
+    buckets = tuple(b for b in INT4_BUCKETS if b <= cap)
     try:
-        for tokens in INT4_BUCKETS:
-            if tokens > cap:
-                break
-            x = torch.randn(tokens, layer.weight.shape[1], generator=gen).to(dtype)
-            layer.max_int4_tokens = tokens
-            t_int4 = fastest_s(lambda x=x: layer(x))
-            layer.max_int4_tokens = 0
-            if t_int4 >= fastest_s(lambda x=x: layer(x)):
-                break
-            best = tokens
+        return largest_winning_bucket(
+            buckets,
+            layer.weight.shape[1],
+            dtype,
+            fast=lambda x: run(x, x.shape[0]),
+            dense=lambda x: run(x, 0),
+        )
     finally:
         layer.max_int4_tokens = saved
-    return best
 
 
 def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:

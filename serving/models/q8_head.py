@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from serving.kernels import q8_linear as q8
-from serving.models.dense_kernels import NEVER, cache_key, fastest_s, measured_once
+from serving.models.dense_kernels import cache_key, largest_winning_bucket, measured_once
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,8 @@ class Q8Head(nn.Module):
 def measure_max_q8_rows(head: Q8Head, dtype: torch.dtype) -> int:
     """The largest row bucket up to which the int8 kernel beats the dense head at every
     bucket (0 if it never does)."""
-    gen = torch.Generator().manual_seed(0)
-    best = 0
-    for rows in ROW_BUCKETS:
-        x = torch.randn(rows, head.packed_codes.shape[1], generator=gen).to(dtype)
-        if fastest_s(lambda x=x: head.q8(x)) >= fastest_s(lambda x=x: head.dense(x)):
-            break
-        best = rows
-    return best
+    in_features = head.packed_codes.shape[1]
+    return largest_winning_bucket(ROW_BUCKETS, in_features, dtype, head.q8, head.dense)
 
 
 def use_q8_head(model: nn.Module, source_weight: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -70,8 +64,9 @@ def use_q8_head(model: nn.Module, source_weight: torch.Tensor, dtype: torch.dtyp
     head = Q8Head(model.lm_head, *packed)
     n, k = source_weight.shape
     key = "q8 head rows v3|" + cache_key(dtype, n, k)  # v3: against the prepacked head, caches cold
-    rows = measured_once({key: lambda: measure_max_q8_rows(head, dtype)}, "q8 head")[key]
-    head.max_q8_rows = 0 if rows >= NEVER else rows
+    head.max_q8_rows = measured_once({key: lambda: measure_max_q8_rows(head, dtype)}, "q8 head")[
+        key
+    ]
     if head.max_q8_rows == 0:
         return False
     model.lm_head = head
