@@ -16,7 +16,7 @@ from serving.env import admin_token
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with InferosConfig fields")
     p.add_argument(
-        "--model", help="local HF folder of a Llama-family model (default: SmolLM2-135M-Instruct)"
+        "--model", help="local HF folder of a supported model (default: SmolLM2-135M-Instruct)"
     )
     p.add_argument("--served-model-name")
     p.add_argument("--host")

@@ -29,7 +29,9 @@ class _Strict(BaseModel):
 
 class ModelSettings(_Strict):
     path: str | None = Field(
-        None, description="Local HF folder of a Llama-family model; None = the default model"
+        None,
+        description="Local HF folder of a Llama, Mistral, Qwen2/3, GPT-NeoX, GPT-J or BLOOM "
+        "model; None = the default model",
     )
     served_model_name: str | None = Field(
         None, description="Name in /v1/models; default: folder name"

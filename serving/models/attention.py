@@ -4,6 +4,11 @@ The cache of one layer is `[2, num_blocks, block_size, num_kv_heads, head_dim]` 
 Each sequence owns a block table: the ids of its blocks in order. New tokens' K/V are
 written to their slots first, then queries attend to the whole context through the table,
 so prefill, prefill-after-a-cached-prefix, decode and multi-token verification are one path.
+
+ALiBi (BLOOM): with `alibi_slopes [num_heads]` every path adds `slope_h * (key_pos -
+query_pos)` to head h's scores (0 at the query's own position, more negative with
+distance), and decode steps take the torch path rather than the C++ kernels, which have
+no bias. Without slopes (every rotary family) nothing of this runs.
 """
 
 from __future__ import annotations
@@ -76,23 +81,32 @@ def paged_attention(
     layer_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of `q [num_tokens, num_heads, head_dim]` over each sequence's cached context.
 
     The new K/V must already be written to the cache (see `write_kv`); `k_new`/`v_new` are
     used directly where a sequence has no cached prefix, which saves a gather.
+    `alibi_slopes` (fp32 `[num_heads]`): ALiBi biases on the scores.
     Returns `[num_tokens, num_heads, head_dim]`.
     """
     if meta.all_decode:
-        return _decode_attention(q, layer_cache, meta, scale)
+        return _decode_attention(q, layer_cache, meta, scale, alibi_slopes)
     if meta.staged is None and _short_queries_only(meta):
-        return _short_query_attention(q, layer_cache, meta, scale)
+        return _short_query_attention(q, layer_cache, meta, scale, alibi_slopes)
     if meta.staged is None:
         if meta.mixed is None:
             meta.mixed = MixedRows.build(meta)
         if meta.mixed.decode is not None:
-            return _mixed_attention(q, k_new, v_new, layer_cache, meta, scale)
-    return _per_sequence_attention(q, k_new, v_new, layer_cache, meta, scale)
+            return _mixed_attention(q, k_new, v_new, layer_cache, meta, scale, alibi_slopes)
+    return _per_sequence_attention(q, k_new, v_new, layer_cache, meta, scale, alibi_slopes)
+
+
+def alibi_bias(
+    slopes: torch.Tensor, key_pos: torch.Tensor, query_pos: torch.Tensor
+) -> torch.Tensor:
+    """fp32 `slopes * (key_pos - query_pos)`; the caller shapes the three to broadcast."""
+    return slopes * (key_pos - query_pos).float()
 
 
 def _per_sequence_attention(
@@ -102,13 +116,16 @@ def _per_sequence_attention(
     layer_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One causal attention call per sequence (prompts, or prompt chunks after a cached or
     quantized prefix)."""
     outputs = []
     start = 0
     for i, n in enumerate(meta.query_lens):
-        outputs.append(_row_attention(q, k_new, v_new, layer_cache, meta, scale, i, start, n))
+        outputs.append(
+            _row_attention(q, k_new, v_new, layer_cache, meta, scale, i, start, n, alibi_slopes)
+        )
         start += n
     return torch.cat(outputs, dim=0)
 
@@ -123,6 +140,7 @@ def _row_attention(
     row: int,
     start: int,
     n: int,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Row `row`'s `n` queries (flat tokens from `start`) causally over its context."""
     ctx = meta.context_lens_list[row]
@@ -132,7 +150,7 @@ def _row_attention(
     else:
         plan = meta.staged.for_row(row) if meta.staged is not None else None
         k_i, v_i = _gather_context(layer_cache, meta.block_tables[row], ctx, plan, meta.layer)
-    return _causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale)
+    return _causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale, alibi_slopes)
 
 
 def gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -189,12 +207,24 @@ def _gather_context(
 
 
 def _causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Queries are the last `len(q)` positions of a context of `len(k)` tokens."""
     n, ctx = q.shape[0], k.shape[0]
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    if n == ctx:
+    if alibi_slopes is not None:
+        q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
+        k_pos = torch.arange(ctx, device=q.device)[None, :]
+        bias = alibi_bias(alibi_slopes[:, None, None], k_pos, q_pos)  # [Hq, n, ctx]
+        bias = bias.masked_fill_(k_pos > q_pos, float("-inf")).to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=bias[None], scale=scale, enable_gqa=True
+        )
+    elif n == ctx:
         out = F.scaled_dot_product_attention(
             qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
         )
@@ -232,6 +262,7 @@ class ShortQueries:
     mask: torch.Tensor  # [B, 1, M * G, L] bool
     max_query: int
     max_len: int
+    last_visible: torch.Tensor  # [B, M] position of each (padded) query
 
     @staticmethod
     def build(meta: AttentionMetadata, group: int) -> ShortQueries:
@@ -247,11 +278,15 @@ class ShortQueries:
         keys = torch.arange(max_len)
         mask = keys[None, None, :] <= last_visible[:, :, None]  # [B, M, L]
         mask = mask.repeat_interleave(group, dim=1)[:, None]  # rows m * G + g
-        return ShortQueries(rows, mask, m, max_len)
+        return ShortQueries(rows, mask, m, max_len, last_visible)
 
 
 def _short_query_attention(
-    q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A few query tokens per sequence over its cached context, all sequences in one
     attention call (GQA as in `_decode_attention`: the G query heads of a KV head and the M
@@ -272,7 +307,13 @@ def _short_query_attention(
         .reshape(num_seqs, num_kv_heads, m * group, head_dim)
         .to(kv.dtype)
     )
-    out, _ = masked_attention(qg, kv[0], kv[1], sq.mask, scale)
+    bias = None
+    if alibi_slopes is not None:  # rows m * G + g: query m of head kvh * G + g
+        query_pos = sq.last_visible.repeat_interleave(group, dim=1)[:, None, :, None]
+        slopes = alibi_slopes.view(num_kv_heads, 1, group).expand(-1, m, -1)
+        slopes = slopes.reshape(1, num_kv_heads, m * group, 1)
+        bias = alibi_bias(slopes, torch.arange(sq.max_len), query_pos)  # [B, Hkv, M*G, L]
+    out, _ = masked_attention(qg, kv[0], kv[1], sq.mask, scale, bias=bias)
     out = (
         out.view(num_seqs, num_kv_heads, m, group, head_dim)
         .permute(0, 2, 1, 3, 4)
@@ -282,7 +323,11 @@ def _short_query_attention(
 
 
 def _decode_attention(
-    q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence: gather every sequence's blocks and attend in one batch.
 
@@ -293,16 +338,19 @@ def _decode_attention(
     this layer's attention mass is wanted.
     """
     want_mass = meta.layer == meta.importance_layer
+    # the kernels add no ALiBi bias: such models take the torch paths
+    use_kernel = not want_mass and alibi_slopes is None and kernel_supports(q, layer_cache)
     if meta.staged is not None and meta.staged.compact is not None:
-        if not want_mass and kernel_supports(q, layer_cache):
+        if use_kernel:
             return paged_decode_attention_staged(q, layer_cache, meta.staged, meta.layer, scale)
+        alibi = None if alibi_slopes is None else (alibi_slopes, meta.context_lens - 1)
         out, mass = staged_decode_attention(
-            q, layer_cache, meta.staged, meta.layer, scale, want_mass
+            q, layer_cache, meta.staged, meta.layer, scale, want_mass, alibi
         )
         if mass is not None:
             meta.importance = mass
         return out
-    if not want_mass and kernel_supports(q, layer_cache):  # K/V read in place, fp32 sums
+    if use_kernel:  # K/V read in place, fp32 sums
         return paged_decode_attention(q, layer_cache, meta.block_tables, meta.context_lens, scale)
     num_seqs, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
@@ -311,9 +359,14 @@ def _decode_attention(
     num_blocks = -(-max_len // block_size)
     kv = _gather_heads_first(layer_cache, meta.block_tables, max_len)
     qg = q.view(num_seqs, num_kv_heads, group, head_dim).to(kv.dtype)
-    valid = torch.arange(max_len, device=q.device)[None, :] < meta.context_lens[:, None]
+    keys = torch.arange(max_len, device=q.device)
+    valid = keys[None, :] < meta.context_lens[:, None]
     mask = valid[:, None, None, :]
-    out, probs = masked_attention(qg, kv[0], kv[1], mask, scale, want_mass)  # [B, Hkv, G, D]
+    bias = None
+    if alibi_slopes is not None:  # [B, Hkv, G, L]; the query sits at context_len - 1
+        query_pos = (meta.context_lens - 1)[:, None, None, None]
+        bias = alibi_bias(alibi_slopes.view(1, num_kv_heads, group, 1), keys, query_pos)
+    out, probs = masked_attention(qg, kv[0], kv[1], mask, scale, want_mass, bias)
     if probs is not None:
         per_token = probs.sum(dim=(1, 2))  # [B, L]
         padded = F.pad(per_token, (0, num_blocks * block_size - max_len))
@@ -332,9 +385,11 @@ def masked_attention(
     mask: torch.Tensor,
     scale: float,
     want_probs: bool = False,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(output, fp32 probabilities if `want_probs`) of `q [B, H, R, D]` over
-    `k, v [B, H, L, D]` where `mask` (broadcast to `[B, H, R, L]`) is True.
+    `k, v [B, H, L, D]` where `mask` (broadcast to `[B, H, R, L]`) is True, `bias` (fp32,
+    broadcast likewise; ALiBi) added to the scaled scores.
 
     Written out rather than SDPA: with a handful of query rows per head (decode, verify) the
     CPU SDPA kernel costs about twice these three small ops once there is some context
@@ -343,8 +398,12 @@ def masked_attention(
     (1 x 250: 31 vs 51 us) stays on SDPA. Scores are the matmul in the cache's dtype,
     softmax in fp32, as transformers' eager attention does."""
     if not want_probs and q.shape[0] * k.shape[-2] < SDPA_BELOW_KEYS:
+        if bias is not None:
+            mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), None
     scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    if bias is not None:
+        scores = scores + bias
     probs = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
     return torch.matmul(probs.to(v.dtype), v), probs if want_probs else None
 
@@ -393,6 +452,7 @@ def _mixed_attention(
     layer_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode rows batched as in a decode step, each prompt chunk causally over its
     context: a chunk riding along costs its own attention, not one call per decode row."""
@@ -402,10 +462,10 @@ def _mixed_attention(
     decode = mixed.decode
     decode.layer = meta.layer
     out[mixed.decode_tokens] = _decode_attention(
-        q.index_select(0, mixed.decode_tokens), layer_cache, decode, scale
+        q.index_select(0, mixed.decode_tokens), layer_cache, decode, scale, alibi_slopes
     )
     for row, start, n, _ in mixed.chunks:
         out[start : start + n] = _row_attention(
-            q, k_new, v_new, layer_cache, meta, scale, row, start, n
+            q, k_new, v_new, layer_cache, meta, scale, row, start, n, alibi_slopes
         )
     return out

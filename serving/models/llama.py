@@ -13,6 +13,7 @@ from torch import nn
 
 from serving.models.arch import LlamaArch
 from serving.models.attention import AttentionMetadata, paged_attention, write_kv
+from serving.models.causal_lm import CausalLM
 from serving.models.rope import apply_rope, rope_cache
 
 
@@ -74,10 +75,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    attention_cls: type[Attention] = Attention  # a family's variant (qwen3: q/k norm)
+
     def __init__(self, arch: LlamaArch):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = Attention(arch)
+        self.self_attn = self.attention_cls(arch)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
@@ -86,12 +89,14 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
+    layer_cls: type[DecoderLayer] = DecoderLayer
+
     def __init__(self, arch: LlamaArch, max_positions: int | None = None):
         super().__init__()
         self.arch = arch
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.layers = nn.ModuleList(self.layer_cls(arch) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         if arch.tie_word_embeddings:
@@ -100,25 +105,31 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    @torch.inference_mode()
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [num_tokens]
-        positions: torch.Tensor,  # [num_tokens]
-        kv_cache: torch.Tensor,  # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """Hidden states `[num_tokens, hidden_size]` after the final norm."""
-        x = self.embed_tokens(input_ids)
-        dtype = x.dtype
-        cos = self.rope_cos[positions].unsqueeze(1).to(dtype)  # [T, 1, D]
-        sin = self.rope_sin[positions].unsqueeze(1).to(dtype)
-        for i, (layer, layer_cache) in enumerate(zip(self.layers, kv_cache, strict=True)):
-            meta.layer = i
-            x = layer(x, cos, sin, layer_cache, meta)
-        return self.norm(x)
 
-    @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`[n, hidden]` → fp32 logits `[n, vocab_size]`."""
-        return self.lm_head(hidden).float()
+def llama_state_dict(hf: dict[str, torch.Tensor], arch: LlamaArch) -> dict[str, torch.Tensor]:
+    """Rename HF keys to ours and concatenate q/k/v and gate/up weights."""
+    out: dict[str, torch.Tensor] = {
+        "embed_tokens.weight": hf["model.embed_tokens.weight"],
+        "norm.weight": hf["model.norm.weight"],
+    }
+    if not arch.tie_word_embeddings:
+        out["lm_head.weight"] = hf["lm_head.weight"]
+    for i in range(arch.num_layers):
+        p = f"model.layers.{i}."
+        q = f"layers.{i}."
+        attn = p + "self_attn."
+        out[q + "self_attn.qkv_proj.weight"] = torch.cat(
+            [hf[attn + f"{n}_proj.weight"] for n in "qkv"], dim=0
+        )
+        if arch.qkv_bias:
+            out[q + "self_attn.qkv_proj.bias"] = torch.cat(
+                [hf[attn + f"{n}_proj.bias"] for n in "qkv"], dim=0
+            )
+        out[q + "self_attn.o_proj.weight"] = hf[attn + "o_proj.weight"]
+        out[q + "mlp.gate_up_proj.weight"] = torch.cat(
+            [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], dim=0
+        )
+        out[q + "mlp.down_proj.weight"] = hf[p + "mlp.down_proj.weight"]
+        out[q + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
+        out[q + "post_attention_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
+    return out

@@ -1,4 +1,6 @@
-"""Load a local Hugging Face folder (safetensors) into our `LlamaForCausalLM`."""
+"""Load a local Hugging Face folder into the model class of its family (`families.py`):
+safetensors, or PyTorch `.bin` files where a folder has no safetensors (read with
+`weights_only=True`: tensors only, no pickled code runs)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from serving.models.arch import LlamaArch
+from serving.models.causal_lm import CausalLM
 from serving.models.dense_kernels import use_measured_dense
+from serving.models.families import family_for
 from serving.models.int4 import repack_int4, use_measured_int4
-from serving.models.llama import LlamaForCausalLM
 from serving.models.q8_head import use_q8_head
-from serving.models.rope import rope_cache
 
 logger = logging.getLogger(__name__)
 
@@ -28,47 +29,33 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"dtype {name!r} not supported; choose one of {sorted(_DTYPES)}") from None
 
 
-def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
+def _weight_files(folder: Path, index_name: str, pattern: str) -> list[str]:
+    index = folder / index_name
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = [p.name for p in sorted(folder.glob("*.safetensors"))]
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {folder}")
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [p.name for p in sorted(folder.glob(pattern))]
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:  # zip-format files (torch >= 1.6) map instead of reading the whole file
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy format cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
+    files = _weight_files(folder, "model.safetensors.index.json", "*.safetensors")
+    if files:
+        for name in files:
+            state.update(load_file(str(folder / name)))
+        return state
+    files = _weight_files(folder, "pytorch_model.bin.index.json", "pytorch_model*.bin")
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
     for name in files:
-        state.update(load_file(str(folder / name)))
+        state.update(_load_bin(folder / name))
     return state
-
-
-def _fused_state_dict(hf: dict[str, torch.Tensor], arch: LlamaArch) -> dict[str, torch.Tensor]:
-    """Rename HF keys to ours and concatenate q/k/v and gate/up weights."""
-    out: dict[str, torch.Tensor] = {
-        "embed_tokens.weight": hf["model.embed_tokens.weight"],
-        "norm.weight": hf["model.norm.weight"],
-    }
-    if not arch.tie_word_embeddings:
-        out["lm_head.weight"] = hf["lm_head.weight"]
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        q = f"layers.{i}."
-        attn = p + "self_attn."
-        out[q + "self_attn.qkv_proj.weight"] = torch.cat(
-            [hf[attn + f"{n}_proj.weight"] for n in "qkv"], dim=0
-        )
-        if arch.qkv_bias:
-            out[q + "self_attn.qkv_proj.bias"] = torch.cat(
-                [hf[attn + f"{n}_proj.bias"] for n in "qkv"], dim=0
-            )
-        out[q + "self_attn.o_proj.weight"] = hf[attn + "o_proj.weight"]
-        out[q + "mlp.gate_up_proj.weight"] = torch.cat(
-            [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], dim=0
-        )
-        out[q + "mlp.down_proj.weight"] = hf[p + "mlp.down_proj.weight"]
-        out[q + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
-        out[q + "post_attention_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
-    return out
 
 
 def load_model(
@@ -77,7 +64,7 @@ def load_model(
     max_positions: int | None = None,
     int4_max_tokens: int = 0,
     measured_dense: bool = False,
-) -> LlamaForCausalLM:
+) -> CausalLM:
     """`int4_max_tokens > 0`: steps of up to that many tokens run on a lossless 4-bit
     repack (bf16 activations) of the linear layers whose weights came from a 4-bit GGUF,
     and an LM head that came from a Q8_0 tensor samples few rows from its int8 codes
@@ -86,16 +73,18 @@ def load_model(
     from which this machine runs fp32 faster (`dense_kernels`, measured once per machine).
     Neither (the default) keeps `dtype` everywhere: the reference numerics."""
     folder = Path(folder)
-    arch = LlamaArch.from_folder(folder)
+    config = json.loads((folder / "config.json").read_text())
+    family = family_for(config)
+    arch = family.arch_from_config(config)
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch, max_positions=max_positions)
-    source = _fused_state_dict(_read_state_dict(folder), arch)
+        model = family.model_cls(arch, max_positions=max_positions)
+    source = family.state_dict(_read_state_dict(folder), arch)
     state = {k: v.to(dtype) for k, v in source.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # Buffers were created on the meta device; rebuild them for real.
-    cos, sin = rope_cache(arch, max_positions or arch.max_position_embeddings)
+    cos, sin = model.rope_tables(arch, max_positions or arch.max_position_embeddings)
     model.rope_cos, model.rope_sin = cos, sin
     if int4_max_tokens > 0 and dtype in (torch.bfloat16, torch.float32):
         repack_int4(model, source, int4_max_tokens)
@@ -110,5 +99,5 @@ def load_model(
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"weights missing from {folder}: {missing[:5]}")
-    logger.info("loaded %s (%d layers, %s)", folder.name, arch.num_layers, dtype)
+    logger.info("loaded %s (%s, %d layers, %s)", folder.name, family.name, arch.num_layers, dtype)
     return model.eval()

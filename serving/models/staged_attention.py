@@ -10,6 +10,7 @@ passes of a dequantization are gone; what remains is converting codes to floats.
 Each row's L0 blocks and units come padded (`CompactPlan`): holes are never gathered.
 Scores of the L0 part and of every pool's units are concatenated and softmaxed together.
 Equal to attention over the dequantized values up to float rounding (tested against it).
+With `alibi` (slopes, query positions), ALiBi biases from each key's logical position.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ def staged_decode_attention(
     layer: int,
     scale: float,
     want_mass: bool,
+    alibi: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`q [B, Hq, D]` → (`[B, Hq, D]`, attention mass per logical block `[B, columns]` or
-    None). `layer_cache [2, num_blocks, bs, Hkv, D]`."""
+    None). `layer_cache [2, num_blocks, bs, Hkv, D]`; `alibi`: fp32 slopes `[Hq]` and each
+    row's query position `[B]`."""
     from serving.models.attention import gather_blocks
 
     compact = plan.compact
@@ -64,6 +67,9 @@ def staged_decode_attention(
     k0 = kv0[0].transpose(1, 2).to(WORK)  # [B, Hkv, L0, D]
     v0 = kv0[1].transpose(1, 2).to(WORK)
     scores = [torch.matmul(qg, k0.transpose(-1, -2)) * scale]  # [B, Hkv, G, L0]
+    if alibi is not None:
+        key_pos = (compact.l0_logical[:, :, None] * bs + torch.arange(bs)).flatten(1)  # [B, L0]
+        scores[0] += _alibi(alibi, key_pos, heads, group)
     valid = [compact.l0_valid]
     units = []
     for key, cu in compact.units.items():
@@ -78,7 +84,11 @@ def staged_decode_attention(
         s_u = torch.matmul(q_u * k_scale, k_codes.transpose(-1, -2))  # [B*U, Hkv, G, T]
         s_u = (s_u + (q_u * k_zero).sum(-1, keepdim=True)) * scale
         s_u = s_u.view(batch, um, heads, group, t).permute(0, 2, 3, 1, 4)  # [B, H, G, U, T]
-        scores.append(s_u.reshape(batch, heads, group, um * t))
+        s_u = s_u.reshape(batch, heads, group, um * t)
+        if alibi is not None:
+            key_pos = (cu.first_block[:, :, None] * bs + torch.arange(t)).flatten(1)  # [B, U*T]
+            s_u = s_u + _alibi(alibi, key_pos, heads, group)
+        scores.append(s_u)
         valid.append(cu.valid[:, :, None].expand(batch, um, t).reshape(batch, um * t))
         units.append((key, cu, f, um, t))
     all_scores = torch.cat(scores, dim=-1)
@@ -101,6 +111,15 @@ def staged_decode_attention(
         offset += um * t
     mass = _block_mass(probs, compact, units, bs) if want_mass else None
     return out.reshape(batch, num_heads, head_dim).to(q.dtype), mass
+
+
+def _alibi(
+    alibi: tuple[torch.Tensor, torch.Tensor], key_pos: torch.Tensor, heads: int, group: int
+) -> torch.Tensor:
+    """`[B, Hkv, G, L]` biases for keys at `key_pos [B, L]`."""
+    slopes, query_pos = alibi
+    distance = (key_pos - query_pos[:, None]).to(WORK)  # [B, L]
+    return slopes.view(1, heads, group, 1) * distance[:, None, None, :]
 
 
 def _block_mass(probs: torch.Tensor, compact, units, bs: int) -> torch.Tensor:

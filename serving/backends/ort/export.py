@@ -172,8 +172,11 @@ def ensure_exported(folder: Path, max_positions: int) -> Path:
     """Path of the cached decode-step graph for the model in `folder`; exports it the first
     time (tens of seconds). Concurrent replicas each export into a temporary folder and
     the first rename wins, so a reader never sees a half-written file."""
+    from serving.models.arch import LlamaArch
     from serving.models.loader import load_model
 
+    # the graph is Llama's (full rotary, gated MLP): other families fail here, before export
+    LlamaArch.from_folder(folder)
     target = cache_dir(folder, max_positions)
     graph = target / GRAPH_FILE
     if graph.exists():
