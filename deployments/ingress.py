@@ -10,6 +10,7 @@ import contextvars
 import logging
 import time
 from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -32,9 +33,10 @@ from serving.api.errors import (
     is_server_fault,
 )
 from serving.api.http_errors import install_error_handlers, internal_error
-from serving.api.prepare import ModelInfo, Prepared, prepare
+from serving.api.prepare import ModelInfo, Prepared, check_model, prepare
 from serving.api.protocol import read_json_body
 from serving.api.responses import SSE_DONE, Usage, sse_error
+from serving.api.tokenize import detokenize, tokenize
 from serving.config import InferosConfig
 from serving.logging_setup import configure_logging
 from serving.messages import DecodeRequest, PrefillRequest, RoutePlan, TokenDelta
@@ -42,6 +44,10 @@ from serving.metrics import FrontendMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
 
 logger = logging.getLogger(__name__)
+try:
+    VERSION = version("inferos-serve")  # GET /version, as vLLM's
+except PackageNotFoundError:  # run from a checkout that was never installed
+    VERSION = "0+unknown"
 app = FastAPI(title="Infer-OS Serve")
 app.include_router(control_router)  # control API (/v1/policy, ...) and the console at /
 install_error_handlers(app)  # OpenAI-shaped JSON for every error, counted per status
@@ -63,9 +69,7 @@ class ClosingStreamingResponse(StreamingResponse):
 
 @serve.ingress(app)
 class Ingress:
-    def __init__(
-        self, prefill: DeploymentHandle | None, decode: DeploymentHandle, config: dict
-    ):
+    def __init__(self, prefill: DeploymentHandle | None, decode: DeploymentHandle, config: dict):
         configure_logging()
         self.config = InferosConfig.model_validate(config)
         path = resolve_model_path(self.config.model.path)
@@ -104,7 +108,17 @@ class Ingress:
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._authorize(request)
-        card = {
+        return {"object": "list", "data": [self._model_card()]}
+
+    # `:path`: a model id may hold slashes (`org/name`; the openai client's %2F arrives decoded)
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(self, model_id: str, request: Request) -> dict:
+        self._authorize(request)
+        check_model(model_id, self.model_info)  # 404 model_not_found
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {
             "id": self.model_name,
             "object": "model",
             "created": self.created,
@@ -112,7 +126,22 @@ class Ingress:
             "root": self.model_name,
             "max_model_len": self.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    # vLLM's extra endpoints, outside /v1 as vLLM has them (but behind the API key)
+    @app.post("/tokenize")
+    async def post_tokenize(self, request: Request) -> dict:
+        self._authorize(request)
+        return tokenize(await read_json_body(request), self.tokenizer, self.model_info)
+
+    @app.post("/detokenize")
+    async def post_detokenize(self, request: Request) -> dict:
+        self._authorize(request)
+        return detokenize(await read_json_body(request), self.tokenizer, self.model_info)
+
+    @app.get("/version")
+    async def get_version(self, request: Request) -> dict:
+        self._authorize(request)
+        return {"version": VERSION}
 
     @app.get("/metrics")
     async def prometheus(self) -> PlainTextResponse:
@@ -169,9 +198,7 @@ class Ingress:
         kv_key = None
         failed = False  # a server-side failure: counts against the error rate (fallback)
         try:
-            plan = await self.scheduler.route.remote(
-                p.req_id, len(p.prompt_ids), p.session_id
-            )
+            plan = await self.scheduler.route.remote(p.req_id, len(p.prompt_ids), p.session_id)
             if plan is None:
                 raise Unavailable("no decode replica is ready yet; retry shortly")
             deadline = started + (self.config.scheduling.request_timeout_s or float("inf"))

@@ -1,9 +1,10 @@
 """Validation of one OpenAI request before anything runs (pure: no Ray, no HTTP).
 
     prepare(body, chat, tokenizer, model) -> Prepared
-        fields parse (400 naming the field) -> the model is ours (404) -> options we
-        support (400) -> token ids within the vocabulary (400: `stop_token_ids`, a prompt
-        of ids) -> chat template, tokenize -> prompt + max_tokens within the context (400
+        fields parse (400 naming the field) -> the model is ours (404) -> no field OpenAI or
+        vLLM defines that we do not implement (400 naming it, `serving.api.unsupported`)
+        -> token ids within the vocabulary (400: `stop_token_ids`, a prompt of ids) -> chat
+        template, tokenize -> prompt + max_tokens within the context (400
         `context_length_exceeded`)
 
 Whatever a client can get wrong is refused here with a 4xx, before routing: nothing it
@@ -18,18 +19,20 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from serving.api.errors import BadRequest, ContextLengthExceeded, UnknownModel
-from serving.api.protocol import ChatCompletionRequest, CompletionRequest
+from serving.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from serving.api.responses import ResponseBuilder
+from serving.api.unsupported import Api, check_unsupported
 from serving.engine.sampling_params import SamplingParams
 
 MAX_ECHOED_CHARS = 64  # of a client's string quoted back in an error message
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
+M = TypeVar("M", bound=BaseModel)
 
 
 class Tokenizer(Protocol):
@@ -80,15 +83,13 @@ def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> P
     """Validate `body` (a JSON object) as a chat or completion request; raises a
     `ServeError` with a 4xx status for anything wrong."""
     req = parse_request(body, chat)
-    if req.model != model.name:
-        raise UnknownModel(
-            f"The model `{_clip(req.model)}` does not exist; this server serves `{model.name}`.",
-            param="model",
-        )
-    req.check_supported()
+    check_model(req.model, model)
+    check_unsupported(body, Api.CHAT if chat else Api.COMPLETION)
     check_token_ids(req.stop_token_ids or (), model.vocab_size, "stop_token_ids")
     if isinstance(req, ChatCompletionRequest):
-        prompt_ids = chat_prompt_ids(req, tokenizer)
+        prompt_ids = render_chat(
+            req.messages, tokenizer, req.add_generation_prompt, req.add_special_tokens
+        )
         requested = req.requested_max_tokens()
     else:
         prompt = req.single_prompt()
@@ -96,7 +97,7 @@ def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> P
             check_token_ids(prompt, model.vocab_size, "prompt")
             prompt_ids = list(prompt)
         else:
-            prompt_ids = tokenizer.encode(prompt)
+            prompt_ids = tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
         requested = req.max_tokens
     if not prompt_ids:
         raise BadRequest("the prompt is empty", param="prompt")
@@ -116,14 +117,27 @@ def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> P
 
 
 def parse_request(body: dict, chat: bool) -> OpenAIRequest:
-    """The pydantic model of `body`; the first field error as a 400 naming that field."""
-    model_cls = ChatCompletionRequest if chat else CompletionRequest
+    return parse_as(ChatCompletionRequest if chat else CompletionRequest, body)
+
+
+def parse_as(model_cls: type[M], body: dict) -> M:
+    """`body` as `model_cls`; the first field error as a 400 naming that field."""
     try:
         return model_cls.model_validate(body)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(p) for p in err["loc"]) or None
         raise BadRequest(f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+
+
+def check_model(name: str | None, model: ModelInfo) -> None:
+    """A 404 unless `name` is the served model; None (where the API lets it be left out,
+    as vLLM's /tokenize does) means the served model."""
+    if name is not None and name != model.name:
+        raise UnknownModel(
+            f"The model `{_clip(name)}` does not exist; this server serves `{model.name}`.",
+            param="model",
+        )
 
 
 def check_token_ids(ids: list[int] | tuple[int, ...], vocab_size: int, param: str) -> None:
@@ -136,15 +150,24 @@ def check_token_ids(ids: list[int] | tuple[int, ...], vocab_size: int, param: st
         )
 
 
-def chat_prompt_ids(req: ChatCompletionRequest, tokenizer: Tokenizer) -> list[int]:
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+def render_chat(
+    messages: list[ChatMessage],
+    tokenizer: Tokenizer,
+    add_generation_prompt: bool = True,
+    add_special_tokens: bool = False,
+) -> list[int]:
+    """The prompt ids of a conversation: chat completions and /tokenize both use this, so
+    /tokenize counts what a chat request's `usage.prompt_tokens` will say. Special tokens
+    come from the template; `add_special_tokens` (vLLM's, default off) adds the
+    tokenizer's own on top."""
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
         text = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=req.add_generation_prompt, tokenize=False
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=False
         )
     except Exception as e:  # the template's own checks (e.g. roles must alternate)
         raise BadRequest(f"chat template failed: {_clip(str(e), 200)}", param="messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def check_context(num_prompt: int, requested: int | None, max_model_len: int, chat: bool) -> int:

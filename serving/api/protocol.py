@@ -19,6 +19,8 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do, so new clients work.
+    # Fields we define but do not implement (n > 1, penalties, logprobs, ...) are typed here
+    # and refused by `serving.api.unsupported` unless left at a value that changes nothing.
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -26,7 +28,7 @@ class _SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)
-    n: int = Field(1, ge=1)
+    n: int | None = Field(1, ge=1)  # null: the default, as vLLM reads it
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -35,8 +37,8 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
     # Ours (pass with the openai client's extra_body): staged-KV profile for this request.
     kv_profile: Literal["baseline", "safe", "balanced", "aggressive"] | None = None
@@ -47,17 +49,6 @@ class _SamplingFields(BaseModel):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
         return v
-
-    def check_supported(self) -> None:
-        if self.n != 1:
-            raise BadRequest("only n=1 is supported", param="n")
-        if self.presence_penalty or self.frequency_penalty:
-            raise BadRequest(
-                "presence_penalty and frequency_penalty are not supported yet; leave them at 0",
-                param="presence_penalty" if self.presence_penalty else "frequency_penalty",
-            )
-        if self.logit_bias:  # refused rather than silently ignored: it changes the output
-            raise BadRequest("logit_bias is not supported yet; leave it out", param="logit_bias")
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -86,15 +77,9 @@ class _SamplingFields(BaseModel):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
+    echo: bool | None = False
     logprobs: int | None = None
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.logprobs is not None:
-            raise BadRequest("logprobs are not supported yet", param="logprobs")
-        if self.echo:
-            raise BadRequest("echo is not supported yet", param="echo")
+    add_special_tokens: bool = True  # vLLM's: the tokenizer's own (e.g. BOS) on a text prompt
 
     def single_prompt(self) -> str | list[int]:
         p = self.prompt
@@ -135,13 +120,9 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     add_generation_prompt: bool = True
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.logprobs:
-            raise BadRequest("logprobs are not supported yet", param="logprobs")
+    add_special_tokens: bool = False  # vLLM's: the tokenizer's own on top of the template's
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -15,6 +15,7 @@ from serving.api.detokenizer import IncrementalDetokenizer
 from serving.api.errors import BadRequest
 from serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from serving.api.responses import SSE_DONE, ResponseBuilder, Usage
+from serving.api.unsupported import Api, check_unsupported
 from serving.config import InferosConfig
 from serving.engine.engine import EngineConfig
 from serving.metrics import EngineMetrics, FrontendMetrics, merge_expositions
@@ -116,9 +117,10 @@ def test_output_never_contains_a_stop_string_when_one_token_holds_two(tokenizer)
 
 
 def test_completion_request_validation() -> None:
-    ok = CompletionRequest(model="m", prompt="hi", temperature=0.5, unknown_field=1)
+    body = {"model": "m", "prompt": "hi", "temperature": 0.5, "unknown_field": 1}
+    ok = CompletionRequest.model_validate(body)
     assert ok.temperature == 0.5 and ok.max_tokens == 16
-    ok.check_supported()
+    check_unsupported(body, Api.COMPLETION)  # an unknown field is ignored
     for bad in (
         {"temperature": 2.5},
         {"temperature": -0.1},
@@ -135,16 +137,15 @@ def test_completion_request_validation() -> None:
 
 def test_unsupported_options_are_bad_requests() -> None:
     for field, value in (("n", 2), ("presence_penalty", 0.5), ("echo", True), ("logprobs", 1)):
-        req = CompletionRequest(model="m", prompt="hi", **{field: value})
         with pytest.raises(BadRequest) as info:
-            req.check_supported()
+            check_unsupported({"model": "m", "prompt": "hi", field: value}, Api.COMPLETION)
         assert info.value.http_status == 400
-        assert info.value.param == ("presence_penalty" if field == "presence_penalty" else field)
+        assert info.value.param == field
         body = info.value.body()["error"]
         assert body["type"] == "invalid_request_error" and body["param"] == info.value.param
-    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], n=2)
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}
     with pytest.raises(BadRequest):
-        chat.check_supported()
+        check_unsupported(chat, Api.CHAT)
 
 
 def test_stop_lists() -> None:
@@ -221,9 +222,10 @@ def test_chat_request() -> None:
     with pytest.raises(ValidationError):
         ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], top_p=1.5)
     with pytest.raises(BadRequest):
-        ChatCompletionRequest(
-            model="m", messages=[{"role": "user", "content": "x"}], logprobs=True
-        ).check_supported()
+        check_unsupported(
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            Api.CHAT,
+        )
 
 
 # --------------------------------------------------------------------------- responses
