@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from serving.kernels import paged_attention, q8_linear
+from serving.kernels import fused_ops, paged_attention, q8_linear
 
 
 def main() -> int:
@@ -14,6 +14,7 @@ def main() -> int:
     for name, available in (
         ("paged_attention", paged_attention.kernel_available),
         ("q8_linear", q8_linear.kernel_available),
+        ("fused_ops", fused_ops.kernel_available),
     ):
         started = time.perf_counter()
         print(f"kernel {name}: loading (compiled on first use, once per machine) ...", flush=True)
