@@ -41,7 +41,10 @@ def replicas(role: RoleSettings) -> dict:
     return {"num_replicas": role.num_replicas}
 
 
-def build_app(config: InferosConfig) -> Application:
+def build_app(config: InferosConfig, direct_http: bool = False) -> Application:
+    """`direct_http`: the ingress replicas serve `server.host:port` themselves
+    (`deployments/direct_http.py`); only `launch.run_app` asks for it, on a cluster it started
+    and with Serve's proxy moved off that port (`serve run`/KubeRay keep the proxy there)."""
     # NOTE: thread counts assume replicas land on a node like this one (the driver's).
     cpus = os.cpu_count() or 1
     cluster = ray.cluster_resources() if ray.is_initialized() else None
@@ -79,4 +82,4 @@ def build_app(config: InferosConfig) -> Application:
         ray_actor_options=actor_options(config.ingress, config.threads_for("ingress", cpus)),
         max_ongoing_requests=4096,
         **common,
-    ).bind(prefill, decode, cfg)
+    ).bind(prefill, decode, cfg, direct_http)

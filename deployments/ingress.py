@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from deployments.actors import kv_store_actor, scheduler_actor
 from deployments.control_api import ControlAPI, control_router
 from deployments.decode_mux import DecodeMux
+from deployments.direct_http import DirectHTTP
 from deployments.sessions import conversation_start, session_id
 from serving.api.detokenizer import IncrementalDetokenizer
 from serving.api.errors import (
@@ -69,7 +70,13 @@ class ClosingStreamingResponse(StreamingResponse):
 
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, prefill: DeploymentHandle | None, decode: DeploymentHandle, config: dict):
+    def __init__(
+        self,
+        prefill: DeploymentHandle | None,
+        decode: DeploymentHandle,
+        config: dict,
+        direct_http: bool = False,
+    ):
         configure_logging()
         self.config = InferosConfig.model_validate(config)
         path = resolve_model_path(self.config.model.path)
@@ -92,6 +99,19 @@ class Ingress:
         self.in_flight = 0
         self.created = int(time.time())
         self._cleanups: set[asyncio.Task] = set()
+        # launch.run_app's own cluster: this replica answers server.host:port itself
+        self.direct_http = (
+            DirectHTTP(self.config.server.host, self.config.server.port) if direct_http else None
+        )
+
+    async def check_health(self) -> None:
+        if self.direct_http is not None:  # Serve's first check: the replica is ready
+            self.direct_http.serve(self.app)  # `self.app`: the ASGI app Serve calls
+
+    async def __del__(self) -> None:  # Serve calls it on replica shutdown
+        direct_http = getattr(self, "direct_http", None)  # None too if __init__ failed
+        if direct_http is not None:
+            await direct_http.stop()
 
     async def _replica_lost(self, replica_id: str) -> None:
         await self.scheduler.forget.remote(replica_id)

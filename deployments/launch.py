@@ -15,7 +15,9 @@ from ray import serve
 
 from deployments.actors import NAMESPACE, kill_singletons
 from deployments.app import APP_NAME, build_app
+from deployments.direct_http import bind_socket, free_port
 from serving.config import InferosConfig
+from serving.env import ray_address
 from serving.models.hf_folder import resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ def start_ray(num_cpus: int | None = None) -> None:
     # Ray starts workers at nice 15 by default; replicas are the serving hot path, and a
     # benchmark client or a co-located vLLM would otherwise take the CPU from them.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    address = os.environ.get("RAY_ADDRESS")
+    address = ray_address()
     if address:
         ray.init(address=address, namespace=NAMESPACE)
     else:
@@ -43,11 +45,31 @@ def run_app(config: InferosConfig, timeout_s: float = 600.0) -> str:
     """Deploy the app and block until /health answers 200; returns the base URL."""
     resolve_model_path(config.model.path)  # convert the default model once, before replicas race
     start_ray()
-    serve.start(http_options={"host": config.server.host, "port": config.server.port})
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://{config.server.host}:{config.server.port}"
+    host, port = config.server.host, config.server.port
+    direct = serves_direct_http(config)
+    if direct:  # the ingress replicas take host:port; Serve's proxy wants a port all the same
+        bind_socket(host, port, share=False).close()  # a taken port fails here, not in replicas
+        proxy_port = free_port(host)
+        logger.info("ingress replicas serve %s:%d; Serve's proxy is on %d", host, port, proxy_port)
+    serve.start(http_options={"host": host, "port": proxy_port if direct else port})
+    app = build_app(config, direct_http=direct)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
     wait_healthy(url, timeout_s)
     return url
+
+
+def serves_direct_http(config: InferosConfig) -> bool:
+    """Whether the ingress replicas answer server.host:port themselves (deployments/direct_http):
+    asked for, on the local cluster we start (with RAY_ADDRESS, replicas and clients may be on
+    other nodes), and with a fixed ingress replica count (Serve's autoscaler would see none of
+    the requests that skip its proxy, and scale the ingress down)."""
+    if not config.server.direct_http or ray_address():
+        return False
+    if config.ingress.autoscaling_config is not None:
+        logger.warning("server.direct_http is off: ingress.autoscaling_config is set")
+        return False
+    return True
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

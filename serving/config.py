@@ -211,6 +211,15 @@ class ServerSettings(_Strict):
         description="If set, the ingress appends a JSON line of live metrics every "
         "second to DIR/metrics_*.jsonl",
     )
+    direct_http: bool = Field(
+        True,
+        description="On a local cluster `inferos serve` starts (not with RAY_ADDRESS, not "
+        "`serve run`/KubeRay): the ingress replica(s) answer host:port themselves with "
+        "uvicorn, so a streamed chunk skips the hop through Serve's proxy (~15% more output "
+        "tokens/s at 32 streams on 2 cores); the proxy moves to a free port on the same "
+        "host. Off while ingress.autoscaling_config is set (Serve's autoscaler counts only "
+        "requests through its proxy). false: Serve's proxy serves host:port",
+    )
 
 
 class SpeculationSettings(_Strict):

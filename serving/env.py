@@ -37,3 +37,8 @@ def config_path() -> str | None:
 def admin_token() -> str | None:
     """Token guarding the control API (`--admin-token` / `server.admin_token` win over it)."""
     return os.environ.get("INFEROS_ADMIN_TOKEN") or None
+
+
+def ray_address() -> str | None:
+    """An existing Ray cluster to join (`inferos serve`); unset = start a local one."""
+    return os.environ.get("RAY_ADDRESS") or None
