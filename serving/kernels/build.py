@@ -1,7 +1,7 @@
 """Build (once per machine) and load a C++ kernel of `csrc/`, which registers its ops as
 `torch.ops.inferos.*` when loaded.
 
-Built the first time a process asks for it, with `-O3 -march=native -fopenmp`, into a
+Built the first time a process asks for it, with `CFLAGS` (-O3 -march=native ...), into a
 directory keyed by CPU model and flags, torch and Python versions and the flags, so every
 later process of the machine loads the cached `.so` (cpp_extension's file lock keeps
 concurrent builds from clashing, and ninja rebuilds only when the source changed). A
@@ -23,7 +23,10 @@ from serving.env import inferos_home
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+# -fno-trapping-math: lets GCC turn float compares and selects into vector code (with the
+# default, a loop holding `x < c ? c : x` stays scalar); no result changes, FP exceptions
+# are never inspected.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-trapping-math"]
 
 _lock = threading.Lock()
 _loaded: dict[str, bool] = {}
