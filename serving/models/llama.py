@@ -68,6 +68,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, arch.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
 
+    # whether `position_qk` is plain rotary, which the fused rope_qkv_write kernel computes
+    fused_rope: bool = True
+
+    def position_qk(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q `[T, H, D]` and k `[T, Hkv, D]` as attention sees them: rotated (a family may
+        normalise them first, and then sets `fused_rope = False`)."""
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -78,14 +88,23 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        if fused(qkv) and layer_cache.dtype in fused_ops.DTYPES and cos.dtype == qkv.dtype:
+        if (
+            self.fused_rope
+            and fused(qkv)
+            and layer_cache.dtype in fused_ops.DTYPES
+            and cos.dtype == qkv.dtype
+        ):
             q, k, v = fused_ops.rope_qkv_write(
                 qkv, cos, sin, layer_cache, meta.slot_mapping, self.num_heads, self.num_kv_heads
             )
         else:
             q, k, v = qkv.split(self.split_sizes, dim=-1)
-            q = apply_rope(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)
-            k = apply_rope(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)
+            q, k = self.position_qk(
+                q.view(num_tokens, self.num_heads, self.head_dim),
+                k.view(num_tokens, self.num_kv_heads, self.head_dim),
+                cos,
+                sin,
+            )
             v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
             write_kv(layer_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, k, v, layer_cache, meta, self.scale)

@@ -11,10 +11,8 @@ import torch
 from torch import nn
 
 from serving.models.arch import LlamaArch
-from serving.models.attention import AttentionMetadata, paged_attention, write_kv
 from serving.models.llama import Attention, DecoderLayer, LlamaForCausalLM, RMSNorm
 from serving.models.llama import llama_state_dict as _llama_state_dict
-from serving.models.rope import apply_rope
 
 ARCHITECTURES = frozenset({"Qwen3ForCausalLM"})
 
@@ -29,6 +27,8 @@ def arch_from_config(cfg: dict) -> LlamaArch:
 
 
 class Qwen3Attention(Attention):
+    fused_rope = False  # the norm comes before the rotary: the fused kernel has none
+
     def __init__(self, arch: LlamaArch):
         super().__init__(arch)
         self.o_proj = nn.Linear(
@@ -37,23 +37,10 @@ class Qwen3Attention(Attention):
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        layer_cache: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
-        q = self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        write_kv(layer_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, k, v, layer_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, -1))
+    def position_qk(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().position_qk(self.q_norm(q), self.k_norm(k), cos, sin)
 
 
 class Qwen3DecoderLayer(DecoderLayer):

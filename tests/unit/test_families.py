@@ -30,6 +30,7 @@ from serving.kv.quant import dequantize_block, quantize_block
 from serving.models import attention
 from serving.models.families import family_for
 from serving.models.loader import load_model
+from tests.unit.runner_checks import all_logits, max_diff, seq_with_blocks
 
 ATOL = 1e-3
 BLOCK_SIZE = 4  # small, so that every sequence here spans many blocks
@@ -178,29 +179,16 @@ def _runner(model) -> ModelRunner:
     return ModelRunner(model, NUM_BLOCKS, BLOCK_SIZE, torch.float32)
 
 
-def _tables(prompts: dict[str, list[int]]) -> dict[str, list[int]]:
-    """Each prompt's blocks, drawn from a shuffled pool: a wrong slot cannot go unseen."""
+def _two_seqs(prompts: dict[str, list[int]]) -> tuple[Sequence, Sequence]:
+    """Sequences "a" and "b" of the prompts, their blocks drawn from a shuffled pool: a
+    wrong slot cannot go unseen."""
     order = torch.randperm(NUM_BLOCKS, generator=torch.Generator().manual_seed(2)).tolist()
     na = -(-len(prompts["a"]) // BLOCK_SIZE)
     nb = -(-len(prompts["b"]) // BLOCK_SIZE)
-    return {"a": order[:na], "b": order[na : na + nb]}
-
-
-def _seq(req_id: str, token_ids: list[int], block_table: list[int]) -> Sequence:
-    seq = Sequence(req_id, list(token_ids), SamplingParams(temperature=0.0))
-    seq.block_table = list(block_table)
-    return seq
-
-
-def _all_logits(runner: ModelRunner, batch: SchedulerOutput) -> torch.Tensor:
-    input_ids, positions, meta = runner._prepare(batch)
-    hidden = runner.model(input_ids, positions, runner.kv_cache, meta)
-    return runner.model.compute_logits(hidden)
-
-
-def _max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    assert x.shape == y.shape, (x.shape, y.shape)
-    return (x - y).abs().max().item()
+    return (
+        seq_with_blocks("a", prompts["a"], order[:na]),
+        seq_with_blocks("b", prompts["b"], order[na : na + nb]),
+    )
 
 
 def test_reference_is_not_degenerate(family, hf_logits) -> None:
@@ -220,13 +208,12 @@ def test_loaded_as_its_family(family) -> None:
 def test_prefill_matches_transformers(family, prompts, hf_logits) -> None:
     _, _, _, ours = family
     runner = _runner(ours)
-    tables = _tables(prompts)
-    a, b = _seq("a", prompts["a"], tables["a"]), _seq("b", prompts["b"], tables["b"])
+    a, b = _two_seqs(prompts)
     batch = SchedulerOutput([a, b], [len(prompts["a"]), len(prompts["b"])], is_prefill=True)
-    logits = _all_logits(runner, batch)
+    logits = all_logits(runner, batch)
     na = len(prompts["a"])
-    assert _max_diff(logits[:na], hf_logits["a"]) < ATOL
-    assert _max_diff(logits[na:], hf_logits["b"]) < ATOL
+    assert max_diff(logits[:na], hf_logits["a"]) < ATOL
+    assert max_diff(logits[na:], hf_logits["b"]) < ATOL
 
 
 def test_paged_decode_matches_transformers(family, prompts, hf_logits) -> None:
@@ -234,9 +221,8 @@ def test_paged_decode_matches_transformers(family, prompts, hf_logits) -> None:
     each step reads the paged pool through the block tables, across block boundaries."""
     _, _, _, ours = family
     runner = _runner(ours)
-    tables = _tables(prompts)
     prefix = 3
-    a, b = _seq("a", prompts["a"], tables["a"]), _seq("b", prompts["b"], tables["b"])
+    a, b = _two_seqs(prompts)
     runner.execute(SchedulerOutput([a, b], [prefix, prefix], is_prefill=True))
     a.num_computed_tokens = b.num_computed_tokens = prefix
     worst, steps = 0.0, 0
@@ -246,7 +232,7 @@ def test_paged_decode_matches_transformers(family, prompts, hf_logits) -> None:
         logits = runner.execute(batch)
         for row, seq in enumerate(live):
             pos = seq.num_computed_tokens
-            worst = max(worst, _max_diff(logits[row], hf_logits[seq.req_id][pos]))
+            worst = max(worst, max_diff(logits[row], hf_logits[seq.req_id][pos]))
             seq.num_computed_tokens += 1
             steps += 1
     assert steps == len(prompts["a"]) + len(prompts["b"]) - 2 * prefix
@@ -258,15 +244,14 @@ def test_chunked_prefill_with_a_decode_row_matches_transformers(family, prompts,
     step as B's last token (a decode row batched on its own): the mixed-step path."""
     _, _, _, ours = family
     runner = _runner(ours)
-    tables = _tables(prompts)
     first, nb = 2 * BLOCK_SIZE + 1, len(prompts["b"])
-    a, b = _seq("a", prompts["a"], tables["a"]), _seq("b", prompts["b"], tables["b"])
+    a, b = _two_seqs(prompts)
     runner.execute(SchedulerOutput([a, b], [first, nb - 1], is_prefill=True))
     a.num_computed_tokens, b.num_computed_tokens = first, nb - 1
     rest = len(prompts["a"]) - first
-    logits = _all_logits(runner, SchedulerOutput([a, b], [rest, 1], is_prefill=True))
-    assert _max_diff(logits[:rest], hf_logits["a"][first:]) < ATOL
-    assert _max_diff(logits[rest], hf_logits["b"][-1]) < ATOL
+    logits = all_logits(runner, SchedulerOutput([a, b], [rest, 1], is_prefill=True))
+    assert max_diff(logits[:rest], hf_logits["a"][first:]) < ATOL
+    assert max_diff(logits[rest], hf_logits["b"][-1]) < ATOL
 
 
 def test_short_multi_token_queries_match_transformers(family, prompts, hf_logits) -> None:
@@ -274,16 +259,15 @@ def test_short_multi_token_queries_match_transformers(family, prompts, hf_logits
     a speculative verification step)."""
     _, _, _, ours = family
     runner = _runner(ours)
-    tables = _tables(prompts)
-    a, b = _seq("a", prompts["a"], tables["a"]), _seq("b", prompts["b"], tables["b"])
+    a, b = _two_seqs(prompts)
     done_a, done_b = 4 * BLOCK_SIZE + 2, 3 * BLOCK_SIZE + 3
     runner.execute(SchedulerOutput([a, b], [done_a, done_b], is_prefill=True))
     a.num_computed_tokens, b.num_computed_tokens = done_a, done_b
     batch = SchedulerOutput([a, b], [5, 3], is_prefill=True)
     assert attention._short_queries_only(runner._prepare(batch)[2])
-    logits = _all_logits(runner, batch)
-    assert _max_diff(logits[:5], hf_logits["a"][done_a : done_a + 5]) < ATOL
-    assert _max_diff(logits[5:], hf_logits["b"][done_b : done_b + 3]) < ATOL
+    logits = all_logits(runner, batch)
+    assert max_diff(logits[:5], hf_logits["a"][done_a : done_a + 5]) < ATOL
+    assert max_diff(logits[5:], hf_logits["b"][done_b : done_b + 3]) < ATOL
 
 
 def test_greedy_generation_matches_transformers(family, prompts) -> None:

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from serving.engine.model_runner import ModelRunner
-from serving.engine.sampling_params import SamplingParams
 from serving.engine.scheduler import SchedulerOutput
-from serving.engine.sequence import Sequence
 from serving.models.loader import load_model
+from tests.unit.runner_checks import all_logits, max_diff, seq_with_blocks
 
 ATOL = 1e-3
 BLOCK_SIZE = 16
@@ -65,24 +64,6 @@ def _runner(model) -> ModelRunner:
     return ModelRunner(model, NUM_BLOCKS, BLOCK_SIZE, torch.float32)
 
 
-def _seq(req_id: str, token_ids: list[int], block_table: list[int]) -> Sequence:
-    seq = Sequence(req_id, list(token_ids), SamplingParams(temperature=0.0))
-    seq.block_table = list(block_table)
-    return seq
-
-
-def _all_logits(runner: ModelRunner, batch: SchedulerOutput) -> torch.Tensor:
-    """Logits at every scheduled position (the runner's `execute` keeps only the last)."""
-    input_ids, positions, meta = runner._prepare(batch)
-    hidden = runner.model(input_ids, positions, runner.kv_cache, meta)
-    return runner.model.compute_logits(hidden)
-
-
-def _max_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    assert x.shape == y.shape, (x.shape, y.shape)
-    return (x - y).abs().max().item()
-
-
 def test_reference_logits_are_not_degenerate(hf_logits, ids) -> None:
     # Guards the comparisons below against a vacuous pass (e.g. all-zero logits).
     ref = hf_logits["a"]
@@ -93,28 +74,28 @@ def test_reference_logits_are_not_degenerate(hf_logits, ids) -> None:
 
 def test_full_prefill_matches_hf(ours, hf_logits, ids) -> None:
     runner = _runner(ours)
-    a = _seq("a", ids["a"], [9, 3, 6])
-    b = _seq("b", ids["b"], [1, 10])
+    a = seq_with_blocks("a", ids["a"], [9, 3, 6])
+    b = seq_with_blocks("b", ids["b"], [1, 10])
     batch = SchedulerOutput([a, b], [len(ids["a"]), len(ids["b"])], is_prefill=True)
 
-    logits = _all_logits(runner, batch)
+    logits = all_logits(runner, batch)
     na = len(ids["a"])
-    assert _max_diff(logits[:na], hf_logits["a"]) < ATOL
-    assert _max_diff(logits[na:], hf_logits["b"]) < ATOL
+    assert max_diff(logits[:na], hf_logits["a"]) < ATOL
+    assert max_diff(logits[na:], hf_logits["b"]) < ATOL
 
     # `execute` returns exactly the rows at each sequence's last token.
     last = runner.execute(batch)
     assert last.shape == (2, 49152)
-    assert _max_diff(last[0], hf_logits["a"][-1]) < ATOL
-    assert _max_diff(last[1], hf_logits["b"][-1]) < ATOL
+    assert max_diff(last[0], hf_logits["a"][-1]) < ATOL
+    assert max_diff(last[1], hf_logits["b"][-1]) < ATOL
 
 
 def test_token_by_token_decode_matches_hf(ours, hf_logits, ids) -> None:
     """A short prefill, then one token per step for two sequences of different lengths."""
     runner = _runner(ours)
     prefix = 5
-    a = _seq("a", ids["a"], [7, 2, 5])
-    b = _seq("b", ids["b"], [4, 0])  # block 0 doubles as the block-table padding id
+    a = seq_with_blocks("a", ids["a"], [7, 2, 5])
+    b = seq_with_blocks("b", ids["b"], [4, 0])  # block 0 doubles as the block-table padding id
     runner.execute(SchedulerOutput([a, b], [prefix, prefix], is_prefill=True))
     a.num_computed_tokens = b.num_computed_tokens = prefix
 
@@ -130,7 +111,7 @@ def test_token_by_token_decode_matches_hf(ours, hf_logits, ids) -> None:
         logits = runner.execute(batch)
         for row, seq in enumerate(live):
             pos = seq.num_computed_tokens
-            worst = max(worst, _max_diff(logits[row], hf_logits[seq.req_id][pos]))
+            worst = max(worst, max_diff(logits[row], hf_logits[seq.req_id][pos]))
             seq.num_computed_tokens += 1
             checked[seq.req_id] += 1
     assert checked == {"a": len(ids["a"]) - prefix, "b": len(ids["b"]) - prefix}
@@ -143,10 +124,10 @@ def test_decode_cache_holds_the_same_kv_as_prefill(ours, ids) -> None:
     tokens = ids["a"][:n]
     prefill_runner, decode_runner = _runner(ours), _runner(ours)
     table_p, table_d = [0, 1, 2], [11, 4, 8]
-    seq = _seq("p", tokens, table_p)
+    seq = seq_with_blocks("p", tokens, table_p)
     prefill_runner.execute(SchedulerOutput([seq], [n], is_prefill=True))
 
-    seq = _seq("d", tokens, table_d)
+    seq = seq_with_blocks("d", tokens, table_d)
     decode_runner.execute(SchedulerOutput([seq], [1], is_prefill=True))
     for pos in range(1, n):
         seq.num_computed_tokens = pos
@@ -155,7 +136,7 @@ def test_decode_cache_holds_the_same_kv_as_prefill(ours, ids) -> None:
     kv_p = prefill_runner.kv_cache[:, :, table_p].flatten(2, 3)[:, :, :n]
     kv_d = decode_runner.kv_cache[:, :, table_d].flatten(2, 3)[:, :, :n]
     assert kv_p.abs().max().item() > 0.1
-    assert _max_diff(kv_p, kv_d) < ATOL
+    assert max_diff(kv_p, kv_d) < ATOL
     # Slots past the context stay untouched.
     assert decode_runner.kv_cache[:, :, table_d[-1], n - 2 * BLOCK_SIZE :].abs().max() == 0
 
@@ -164,9 +145,9 @@ def test_two_chunk_prefill_matches_hf(ours, hf_logits, ids) -> None:
     """A cached prefix then the rest: the `n != ctx` masked path (and the `n == 1` path)."""
     runner = _runner(ours)
     first = BLOCK_SIZE + 1  # the first chunk ends inside A's second block
-    a = _seq("a", ids["a"], [3, 11, 0])
+    a = seq_with_blocks("a", ids["a"], [3, 11, 0])
     nb = len(ids["b"])
-    b = _seq("b", ids["b"], [6, 8])
+    b = seq_with_blocks("b", ids["b"], [6, 8])
     runner.execute(SchedulerOutput([a, b], [first, nb - 1], is_prefill=True))
     a.num_computed_tokens, b.num_computed_tokens = first, nb - 1
 
@@ -177,6 +158,6 @@ def test_two_chunk_prefill_matches_hf(ours, hf_logits, ids) -> None:
     assert meta.context_lens_list == [len(ids["a"]), nb]
     assert not meta.all_decode
 
-    logits = _all_logits(runner, batch)
-    assert _max_diff(logits[:rest], hf_logits["a"][first:]) < ATOL
-    assert _max_diff(logits[rest], hf_logits["b"][-1]) < ATOL
+    logits = all_logits(runner, batch)
+    assert max_diff(logits[:rest], hf_logits["a"][first:]) < ATOL
+    assert max_diff(logits[rest], hf_logits["b"][-1]) < ATOL

@@ -130,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 
 // exp(x) for a block of floats, in plain arithmetic GCC vectorizes at -march=native (a libm
 // call per value does not vectorize: it made silu_and_mul 13 % of a 128-token prefill).
+// The clamp's compares vectorize only with -fno-trapping-math (build.py's CFLAGS).
 // Cephes' expf: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-5 polynomial, 2^n put
 // into the exponent bits; within 2 ulp of expf over the clamped range. Clamped to
 // [-87, 88]: below, expf is denormal or 0, above it overflows; silu's quotient is the same
@@ -137,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
 inline void exp_block(const float* x, float* out, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    float v = x[i] < -87.f ? -87.f : x[i];  // (std::min/max take addresses: no vectors)
+    float v = x[i] < -87.f ? -87.f : x[i];
     v = v > 88.f ? 88.f : v;
     const float k = std::floor(v * 1.44269504088896341f + 0.5f);
     v = v - k * 0.693359375f;  // ln2 in two parts: the product with k stays exact
