@@ -48,9 +48,24 @@ class ModelSettings(_Strict):
         8,
         ge=0,
         description="bfloat16 only: engine steps of up to this many tokens use a lossless int4 "
-        "repack of linear weights that came from a 4-bit GGUF (0 = off); with dense_kernels "
+        "repack of linear weights that came from a 4-bit GGUF, or the int8/int4 kernels of "
+        "weights: int8|int4 (0 = off); with dense_kernels "
         "measured, each weight shape uses it up to the token count (at most this) where it "
         "measures faster than the dense matmul on this machine",
+    )
+    weights: Literal["auto", "bf16", "int8", "int4"] = Field(
+        "auto",
+        description="Linear weights as loaded: auto = dense, with the lossless int4 repack and "
+        "int8 LM head for weights on a GGUF grid (the default model); bf16 = dense only (the "
+        "model's dtype); int8 = per-output-channel int8; int4 = group-wise int4 "
+        "(int4_group_size), LM head int8. int8/int4 are quantized at load (cached under "
+        "$INFEROS_HOME/models/.quantized) and run steps of up to int4_max_tokens tokens on "
+        "int8/int4 kernels, larger ones dense on the dequantized weights",
+    )
+    int4_group_size: Literal[32, 64, 128] = Field(
+        32,
+        description="weights: int4 only: inputs per int4 scale and zero (32: measured, see "
+        "serving/models/weight_formats.py)",
     )
     dense_kernels: Literal["measured", "model_dtype"] = Field(
         "measured",
@@ -72,7 +87,21 @@ class KVCacheSettings(_Strict):
     store_budget_bytes: PositiveInt = Field(
         2 * 1024**3,
         description="Bytes of KV the kv_store keeps in memory; beyond it, blocks are demoted, "
-        "then spilled, then (profile permitting) dropped",
+        "then whole sequences spilled to disk (spill_budget_bytes), least recently used first",
+    )
+    spill_budget_bytes: PositiveInt = Field(
+        4 * 1024**3,
+        description="Bytes the kv_store may write to its spill directory (spilled sequences, "
+        "and the originals that make demotion lossless); beyond it the least useful stored "
+        "sequences are dropped (never re-used ones first, then least recently used): a later "
+        "cache miss, never an error. A full disk is answered the same way",
+    )
+    store_ttl_s: float | None = Field(
+        900.0,
+        gt=0,
+        description="seconds a stored sequence stays after its last use unless a later prompt "
+        "re-used it as a prefix (the next turn of a conversation comes well within it); "
+        "re-used prefixes stay until a budget needs their room; None = only the budgets drop",
     )
     profile: Literal["baseline", "safe", "balanced", "aggressive"] = Field(
         "baseline",
@@ -91,7 +120,9 @@ class KVCacheSettings(_Strict):
     spill_dir: str | None = Field(
         None,
         description="local directory of the spill tier (L3, and originals of demoted blocks "
-        "that make promotion lossless); None = a temporary directory per process",
+        "that make promotion lossless); the kv_store writes into a subdirectory of its own, "
+        "removed at shutdown; None = the system's temporary directory (a fresh directory "
+        "per engine process)",
     )
 
 
@@ -195,11 +226,37 @@ class ControlSettings(_Strict):
     )
 
 
+# Open without an API key: what a load balancer and Prometheus probe, and the console's page
+# and scripts (they hold no data; every call the page makes sends the key it is given).
+DEFAULT_PUBLIC_PATHS = ("/health", "/metrics", "/", "/console/")
+DEFAULT_MAX_HEADER_BYTES = 64 << 10
+MIN_BODY_BYTES = 1 << 20  # a body limit below 1 MiB would refuse ordinary chat histories
+BODY_BYTES_PER_TOKEN = 64  # ~4 bytes of text per token, x4 for JSON escapes, x4 headroom
+
+
 class ServerSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_key: str | None = Field(
-        None, description="If set, requests need 'Authorization: Bearer KEY'"
+    api_key: str | list[str] | None = Field(
+        None,
+        description="If set (one key or a list), every route outside server.public_paths "
+        "needs 'Authorization: Bearer KEY' with one of them (or the admin token); `inferos serve` "
+        "falls back to $INFEROS_API_KEY; unset = open",
+    )
+    public_paths: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PUBLIC_PATHS),
+        description="paths open without an API key (an entry ending in '/' opens its "
+        "subtree): the health check, Prometheus' scrape and the console's page and scripts",
+    )
+    max_body_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="largest request body (413 beyond it, checked before reading when the "
+        "client declares its length); None = 64 bytes per token of model.max_model_len, "
+        "at least 1 MiB",
+    )
+    max_header_bytes: int = Field(
+        DEFAULT_MAX_HEADER_BYTES, gt=0, description="all request headers together (431 beyond)"
     )
     admin_token: str | None = Field(
         None,
@@ -363,6 +420,20 @@ class InferosConfig(_Strict):
         if self.model_dtype == "bfloat16" and not cpu_has_native_bf16():
             return "float32"
         return self.model_dtype
+
+    @property
+    def max_body_bytes(self) -> int:
+        """server.max_body_bytes, or room for a full context of text as JSON with headroom
+        (a request near it is refused for its length anyway: `context_length_exceeded`)."""
+        return self.server.max_body_bytes or max(
+            MIN_BODY_BYTES, BODY_BYTES_PER_TOKEN * self.model.max_model_len
+        )
+
+    @property
+    def api_keys(self) -> list[str]:
+        """server.api_key as a list (one key or several)."""
+        keys = self.server.api_key
+        return [keys] if isinstance(keys, str) else list(keys or [])
 
     @property
     def has_prefill_replicas(self) -> bool:

@@ -19,6 +19,8 @@ def build(ctx: BackendContext) -> tuple[LLMEngine, BackendInfo]:
         if ctx.role is Role.DECODE and cfg.fast_kernels
         else 0,
         measured_dense=cfg.fast_kernels and cfg.model.dense_kernels == "measured",
+        weights=cfg.model.weights,
+        int4_group_size=cfg.model.int4_group_size,
     )
     engine = LLMEngine(model, cfg.engine_config(), model.arch.eos_token_ids)
     return engine, BackendInfo("torch", "cpu")

@@ -47,6 +47,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="local HF folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument(
+        "--weights",
+        default="auto",
+        help="model.weights format(s), comma-separated (auto, bf16, int8, int4); int8/int4 "
+        "are also compared with bf16 (dense) weights on the same tokens: weights_delta_ppl_pct",
+    )
+    p.add_argument(
+        "--int4-group-size", type=int, choices=[32, 64, 128], default=None,
+        help="inputs per int4 scale (default: model.int4_group_size's)",
+    )  # fmt: skip
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -64,19 +74,38 @@ def parse_profiles(spec: str) -> list[Profile]:
     return [PROFILES[n] for n in names]
 
 
+REFERENCE_WEIGHTS = "bf16"  # what a quantized format's quality cost is measured against
+
+
+def parse_weights(spec: str) -> list[str]:
+    """The formats to evaluate, the dense reference first where a quantized one needs it."""
+    from serving.models.weight_formats import QUANTIZED, WEIGHT_FORMATS
+
+    names = list(dict.fromkeys(n.strip() for n in spec.split(",") if n.strip()))
+    unknown = [n for n in names if n not in WEIGHT_FORMATS]
+    if unknown or not names:
+        raise ValueError(f"unknown weights {unknown}; choose from {list(WEIGHT_FORMATS)}")
+    if any(n in QUANTIZED for n in names):  # the reference first: the others compare to it
+        names = [REFERENCE_WEIGHTS, *(n for n in names if n != REFERENCE_WEIGHTS)]
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoTokenizer
 
+    from serving.config import ModelSettings
     from serving.eval.ppl import EvalSettings, evaluate
     from serving.models.hf_folder import resolve_model_path
     from serving.models.loader import load_model, parse_dtype
 
     try:
         profiles = parse_profiles(args.profile)
+        formats = parse_weights(args.weights)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    group_size = args.int4_group_size or ModelSettings().int4_group_size
     if not args.text.is_file():
         print(f"error: no such file: {args.text}", file=sys.stderr)
         return 2
@@ -88,24 +117,46 @@ def run(args: argparse.Namespace) -> int:
     token_ids = tokenizer(args.text.read_text(encoding="utf-8"))["input_ids"]
     if args.max_tokens > 0:
         token_ids = token_ids[: args.max_tokens]
-    model = load_model(folder, parse_dtype(args.dtype), max_positions=args.context)
     settings = EvalSettings(args.context, args.chunk, args.pressure, args.importance)
 
     def progress(done: int, total: int, _tallies) -> None:
         logger.info("window %d/%d (%.0f s)", done, total, time.monotonic() - started)
 
-    started = time.monotonic()
-    try:
-        results = evaluate(model, token_ids, profiles, settings, progress)
-    except ValueError as e:  # too little text, bad chunk/context
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    ordered = [results[p.name] for p in profiles]
-    for r in ordered:
-        r["model"] = folder.name
-        r["text"] = str(args.text)
-        r["seconds"] = round(time.monotonic() - started, 1)
-        r["recipe"] = recipe_of(PROFILES[r["profile"]])
+    ordered: list[dict] = []
+    reference: dict[str, float] = {}  # profile -> ppl with the reference weights
+    for weights in formats:
+        started = time.monotonic()
+        # no int4/int8 kernel path (int4_max_tokens 0): every step here is a chunk of many
+        # tokens, which the engine too runs dense, on the same (dequantized) weights
+        model = load_model(
+            folder,
+            parse_dtype(args.dtype),
+            max_positions=args.context,
+            weights=weights,
+            int4_group_size=group_size,
+        )
+        try:
+            results = evaluate(model, token_ids, profiles, settings, progress)
+        except ValueError as e:  # too little text, bad chunk/context
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        del model
+        for p in profiles:
+            r = results[p.name]
+            r["model"] = folder.name
+            r["text"] = str(args.text)
+            r["seconds"] = round(time.monotonic() - started, 1)
+            r["recipe"] = recipe_of(PROFILES[r["profile"]])
+            r["weights"] = weights
+            if weights == "int4":
+                r["int4_group_size"] = group_size
+            if weights == REFERENCE_WEIGHTS:
+                reference[p.name] = r["ppl"]
+            elif p.name in reference:
+                r["weights_reference"] = REFERENCE_WEIGHTS
+                r["weights_reference_ppl"] = reference[p.name]
+                r["weights_delta_ppl_pct"] = 100.0 * (r["ppl"] / reference[p.name] - 1.0)
+            ordered.append(r)
     payload = ordered[0] if len(ordered) == 1 else ordered
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +165,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2))
     else:
         for r in ordered:
+            cost = r.get("weights_delta_ppl_pct")
+            weights = f"{r['weights']:>4}" + (f" ({cost:+.3f} %)" if cost is not None else "")
             print(
+                f"weights {weights}  "
                 f"{r['profile']:>10}: ppl {r['ppl']:.4f} ({r['delta_ppl_pct']:+.3f} %)  "
                 f"kld {r['kld']:.5f}  {r['kv_bytes_per_token']:.0f} B/token "
                 f"({r['reduction_vs_fp16']:.2f}x vs fp16)"

@@ -57,11 +57,13 @@ class HybridInt4Linear(nn.Module):
         q: torch.Tensor,
         scales_and_zeros: torch.Tensor,
         max_int4_tokens: int,
+        group_size: int = GROUP_SIZE,
     ):
         super().__init__()
         self.weight = linear.weight
         self.bias = linear.bias
         self.max_int4_tokens = max_int4_tokens
+        self.group_size = group_size  # inputs per (scale, zero): Q4_1's 32, or `model.weights`'
         self.register_buffer("packed", _ops._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES))
         # the kernel computes in bf16 (with fp32 activations it runs scalar: 10-30x slower)
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16))
@@ -74,7 +76,9 @@ class HybridInt4Linear(nn.Module):
                 return self.dense(x)
             return F.linear(x, self.weight, self.bias)
         x16 = x.to(torch.bfloat16)
-        out = _ops._weight_int4pack_mm_for_cpu(x16, self.packed, GROUP_SIZE, self.scales_and_zeros)
+        out = _ops._weight_int4pack_mm_for_cpu(
+            x16, self.packed, self.group_size, self.scales_and_zeros
+        )
         out = out.to(x.dtype)
         return out if self.bias is None else out + self.bias
 
@@ -137,17 +141,27 @@ def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
     from serving.models.dense_kernels import cache_key, measured_once
 
     layers = [m for m in model.modules() if isinstance(m, HybridInt4Linear)]
-    by_shape = {tuple(m.weight.shape): m for m in layers}
-    # v3: measured against the prepacked dense path, caches cold
-    keys = {shape: f"int4 tokens<={cap} v3|" + cache_key(dtype, *shape) for shape in by_shape}
+
+    def shape_of(m: HybridInt4Linear) -> tuple[int, int, int]:
+        return (*m.weight.shape, m.group_size)
+
+    by_shape = {shape_of(m): m for m in layers}
+
+    def key(n: int, k: int, group: int) -> str:
+        # v3: measured against the prepacked dense path, caches cold; Q4_1's group 32 keeps
+        # the key it always had, other groups (`model.weights: int4`) are measured apart
+        group_tag = "" if group == GROUP_SIZE else f" g{group}"
+        return f"int4 tokens<={cap}{group_tag} v3|" + cache_key(dtype, n, k)
+
+    keys = {shape: key(*shape) for shape in by_shape}
     measures = {
         keys[shape]: (lambda m=m: measure_max_int4_tokens(m, dtype, cap))
         for shape, m in by_shape.items()
     }
     known = measured_once(measures, "int4 kernel")
     for m in layers:
-        m.max_int4_tokens = known[keys[tuple(m.weight.shape)]]
+        m.max_int4_tokens = known[keys[shape_of(m)]]
     logger.info(
         "int4 path up to %s tokens per shape",
-        {f"{n}x{k}": known[key] for (n, k), key in keys.items()},
+        {f"{n}x{k} g{g}": known[key] for (n, k, g), key in keys.items()},
     )
