@@ -50,6 +50,7 @@ class SchedulerActor:
         # session id → decode replica of its last turn (insertion order = age)
         self.sessions: dict[str, str] = {}
         self.control = ControlLoops(self, cfg.control)
+        self._push_kv_profile()  # a store started before us (or restarted) follows ours
 
     @property
     def pd_mode(self) -> str:
@@ -119,10 +120,23 @@ class SchedulerActor:
 
     async def set_policy(self, changes: dict) -> RuntimePolicy:
         """Apply a validated change (raises on a bad one, changing nothing)."""
+        before = self.policy.kv_profile
         self.policy = self.policy.updated(changes)
         logger.info("policy changed: %s -> %s", changes, self.policy.model_dump())
         self._publish_quality_estimate()
+        if self.policy.kv_profile != before:
+            self._push_kv_profile()
         return self.policy
+
+    def _push_kv_profile(self) -> None:
+        """The store demotes by the current profile; the scheduler pushes it down (the
+        store never asks: calls flow one way)."""
+        if not ray.is_initialized():  # a plain object in unit tests: don't start Ray
+            return
+        try:
+            kv_store_actor(self.config_dict).set_profile.remote(self.policy.kv_profile)
+        except Exception:  # the store restarting: it starts on the configured profile
+            logger.warning("could not push the KV profile to the kv_store", exc_info=True)
 
     def _publish_quality_estimate(self) -> None:
         """The active profile's measured ΔPPL, as `inferos:kv_delta_ppl_estimate` (relative,
@@ -175,6 +189,13 @@ class SchedulerActor:
         for pool in self.replicas.values():
             pool.pop(replica_id, None)
         self.metrics_texts_by_replica.pop(replica_id, None)
+
+    async def replica_counts(self) -> dict:
+        """What /health needs, and no more (a snapshot copies up to 1000 sessions)."""
+        return {role.value: len(pool) for role, pool in self.replicas.items()} | {
+            "pd_mode": self.pd_mode,
+            "in_flight": len(self.assignments),
+        }
 
     async def snapshot(self) -> dict:
         return {

@@ -194,7 +194,20 @@ class StoreMetrics(_Instruments):
         )
         self.bytes = self._gauge("kv_store_bytes", "KV bytes referenced by the store.").labels(**lb)
         self.evictions = self._counter(
-            "kv_store_evictions", "Sequences dropped for budget."
+            "kv_store_evictions", "Sequences dropped for the memory or disk budget, or a full disk."
+        ).labels(**lb)
+        self.released = self._counter(
+            "kv_store_released",
+            "Sequences dropped because nothing needs them any more (a later turn holds all "
+            "their blocks, or idle past kv_cache.store_ttl_s and never re-used).",
+        ).labels(**lb)
+        self.disk_bytes = self._gauge(
+            "kv_store_disk_bytes",
+            "Bytes the store has in its spill directory (at most kv_cache.spill_budget_bytes).",
+        ).labels(**lb)
+        self.spill_failures = self._counter(
+            "kv_store_spill_failures",
+            "Writes to the spill directory refused for the disk budget or failed (full disk).",
         ).labels(**lb)
         self._kv_level_instruments()
         # vLLM's prefix-cache counters (in tokens): hit rate = hits / queries

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,13 +19,18 @@ from safetensors.torch import load_file, save_file
 _SUFFIX = ".safetensors"
 _TENSOR_NAME = "block"
 
+# (named tensors, file path) -> None: safetensors' `save_file`; tests inject one that fails
+# as a full disk does (OSError ENOSPC).
+Writer = Callable[[dict[str, torch.Tensor], str], None]
+
 
 class SpillStore:
     """Key -> tensor on disk. Not thread-safe; one owner (the engine's KV manager) per directory."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, writer: Writer = save_file) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._writer = writer
 
     def _path(self, key: str) -> Path:
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
@@ -36,18 +42,19 @@ class SpillStore:
         Written to a temporary name then renamed, so a crash never leaves a torn block that
         `get` would load as garbage.
         """
-        path = self._path(key)
-        tmp = path.with_name(path.name + ".tmp")
-        data = tensor.detach().to("cpu").contiguous()
-        save_file({_TENSOR_NAME: data}, str(tmp))
-        os.replace(tmp, path)
-        return path.stat().st_size
+        return self.put_tensors(key, {_TENSOR_NAME: tensor})
 
     def put_tensors(self, key: str, tensors: dict[str, torch.Tensor]) -> int:
         """Several named tensors in one file (one spilled sequence); returns its bytes."""
         path = self._path(key)
         tmp = path.with_name(path.name + ".tmp")
-        save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(tmp))
+        try:
+            self._writer(
+                {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, str(tmp)
+            )
+        except BaseException:  # a full disk leaves a partial file: don't count or keep it
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
         return path.stat().st_size
 
@@ -74,6 +81,11 @@ class SpillStore:
         size = path.stat().st_size if path.exists() else 0
         path.unlink(missing_ok=True)
         return size
+
+    def size(self, key: str) -> int:
+        """Bytes of the file under `key` (0 if absent)."""
+        path = self._path(key)
+        return path.stat().st_size if path.exists() else 0
 
     def __contains__(self, key: str) -> bool:
         return self._path(key).exists()
