@@ -51,7 +51,13 @@ def build_app(config: InferosConfig, direct_http: bool = False) -> Application:
     num_nodes = len([n for n in ray.nodes() if n["Alive"]]) if ray.is_initialized() else 1
     config = one_engine_per_node(config, num_nodes)
     cfg = config.model_dump()
-    common = {"graceful_shutdown_timeout_s": 2, "health_check_period_s": 5}
+    # Serve polls a stopping replica for requests still running every wait-loop period (2 s by
+    # default), so an idle replica took 2 s to stop, one deployment after the other
+    common = {
+        "graceful_shutdown_timeout_s": 2,
+        "graceful_shutdown_wait_loop_s": 0.2,
+        "health_check_period_s": 5,
+    }
     prefill = None  # none where one engine serves the node: decode prefills itself
     if config.has_prefill_replicas:
         prefill = PrefillDeployment.options(

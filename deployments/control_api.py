@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from policies.run_context import RunContext
 from policies.runtime import RuntimePolicy
+from serving.api.auth import bearer_token
 from serving.api.errors import BadRequest, Forbidden, ServeError, Unauthorized
 from serving.api.protocol import read_json_body
 from serving.config import InferosConfig
@@ -92,14 +93,13 @@ class ControlAPI:
                 "the control API is disabled: no admin token is configured "
                 "(--admin-token, INFEROS_ADMIN_TOKEN or server.admin_token)"
             )
-        header = request.headers.get("authorization", "")
-        if not header:
+        sent = bearer_token(request.headers.get("authorization"))
+        if sent is None:  # absent, or not in the Bearer form
             raise Unauthorized(
                 "missing admin token (send 'Authorization: Bearer <admin token>')",
                 code="missing_admin_token",
             )
-        sent = header.removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(sent.encode(), self.admin_token.encode()):
+        if not hmac.compare_digest(sent.encode("latin-1"), self.admin_token.encode()):
             raise Forbidden("wrong admin token", code="invalid_admin_token")
 
     # --- changes ----------------------------------------------------------------------------
@@ -154,8 +154,8 @@ class ControlAPI:
         }
 
     async def health(self) -> tuple[int, dict]:
-        snap = await self.scheduler.snapshot.remote()
-        counts = {role: len(snap[role]) for role in ("prefill", "decode")}
+        snap = await self.scheduler.replica_counts.remote()
+        counts = {role: snap[role] for role in ("prefill", "decode")}
         # colocated routing needs no prefill replica
         ready = counts["decode"] > 0 and (
             counts["prefill"] > 0 or snap["pd_mode"] != "disaggregated"

@@ -10,6 +10,7 @@ from collections.abc import AsyncGenerator
 from ray import serve
 
 from deployments.engine_replica import EngineReplica
+from deployments.subscribers import CHECK_PERIOD_S, subscriber_alive
 from policies.runtime import RuntimePolicy
 from serving.engine.engine import LLMEngine, StepOutput
 from serving.engine.sequence import Sequence
@@ -29,6 +30,7 @@ class DecodeServer(EngineReplica):
         self._spec_metrics = SpecMetricsPusher()
         self._queues: dict[str, asyncio.Queue[list[TokenDelta]]] = {}
         self._subscriber_of: dict[str, str] = {}  # req_id → ingress replica id
+        self._open_streams: dict[str, int] = {}  # ingress replica id → its open streams
         self._held: dict[str, list[int]] = {}  # tokens not streamed yet (stream_interval)
         self._streamed: set[str] = set()  # requests whose first token went out
         self.num_local_prefills = 0
@@ -37,6 +39,21 @@ class DecodeServer(EngineReplica):
         await self._start_engine(config)
         self.stream_interval = self.config.scheduling.stream_interval
         self.num_imported = 0
+        self._watch_task = asyncio.create_task(self._watch_subscribers())
+
+    async def _watch_subscribers(self) -> None:
+        """Abort the requests of an ingress replica that has died (`deployments/subscribers`)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(CHECK_PERIOD_S)
+            for subscriber in set(self._subscriber_of.values()):
+                try:
+                    alive = await loop.run_in_executor(None, subscriber_alive, subscriber)
+                except Exception:  # the GCS unreachable for a moment: ask again later
+                    logger.warning("liveness of %s unknown", subscriber, exc_info=True)
+                    continue
+                if not alive:
+                    self._drop_subscriber(subscriber)
 
     def _build_engine(self, path) -> LLMEngine:
         """Runs on the engine thread: the target engine, then its speculative step."""
@@ -151,12 +168,35 @@ class DecodeServer(EngineReplica):
         """One long-lived stream per ingress replica: each item is every delta of one or
         more engine steps, so the per-item cost is paid per step, not per token."""
         queue = self._queue(subscriber_id)
-        yield []  # tells the caller the stream is attached
-        while True:
-            batch = await queue.get()
-            while not queue.empty():
-                batch.extend(queue.get_nowait())
-            yield batch
+        self._open_streams[subscriber_id] = self._open_streams.get(subscriber_id, 0) + 1
+        try:
+            yield []  # tells the caller the stream is attached
+            while True:
+                batch = await queue.get()
+                while not queue.empty():
+                    batch.extend(queue.get_nowait())
+                yield batch
+        finally:  # the ingress replica went away (died, or was stopped): nobody reads these
+            self._open_streams[subscriber_id] -= 1
+            if not self._open_streams[subscriber_id]:  # not if it has opened another since
+                del self._open_streams[subscriber_id]
+                self._drop_subscriber(subscriber_id)
+
+    def _drop_subscriber(self, subscriber_id: str) -> None:
+        """Abort the requests streaming to `subscriber_id` instead of decoding them to
+        max_tokens for nobody."""
+        orphans = [r for r, s in self._subscriber_of.items() if s == subscriber_id]
+        if orphans:
+            logger.warning(
+                "ingress %s is gone: aborting its %d requests", subscriber_id, len(orphans)
+            )
+        for req_id in orphans:
+            self._storing.pop(req_id, None)
+            self._subscriber_of.pop(req_id, None)
+            self._held.pop(req_id, None)
+            self._streamed.discard(req_id)
+            self.thread.abort(req_id)
+        self._queues.pop(subscriber_id, None)
 
     async def stats(self) -> dict:
         return await super().stats() | {

@@ -15,6 +15,7 @@ import threading
 import torch
 from ray import serve
 
+from deployments.loopback import keep_replica_grpc_on_loopback
 from serving.config import InferosConfig
 from serving.logging_setup import configure_logging
 from serving.models.loader import parse_dtype
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 class DraftServer:
     def __init__(self, config: dict, num_threads: int = 1):
         configure_logging()
+        keep_replica_grpc_on_loopback()
         cfg = InferosConfig.model_validate(config)
         torch.set_num_threads(num_threads)
         self.settings = cfg.speculation

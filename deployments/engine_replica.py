@@ -12,6 +12,7 @@ import torch
 from ray import serve
 
 from deployments.actors import kv_store_actor, scheduler_actor
+from deployments.loopback import keep_replica_grpc_on_loopback
 from policies.runtime import RuntimePolicy
 from serving.backends.base import BackendContext
 from serving.backends.registry import build_engine
@@ -39,6 +40,7 @@ class EngineReplica:
 
     async def _start_engine(self, config: dict) -> None:
         configure_logging()
+        keep_replica_grpc_on_loopback()
         self.config = InferosConfig.model_validate(config)
         threads = self.config.threads_for(self.role.value, os.cpu_count() or 1)
         torch.set_num_threads(threads)

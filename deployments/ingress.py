@@ -9,8 +9,10 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -23,19 +25,22 @@ from deployments.actors import kv_store_actor, scheduler_actor
 from deployments.control_api import ControlAPI, control_router
 from deployments.decode_mux import DecodeMux
 from deployments.direct_http import DirectHTTP
+from deployments.loopback import keep_replica_grpc_on_loopback
 from deployments.sessions import conversation_start, session_id
+from deployments.subscribers import subscriber_name
+from serving.api.auth import ApiKeyAuth, Auth
 from serving.api.detokenizer import IncrementalDetokenizer
 from serving.api.errors import (
     RequestTimeout,
     ServeError,
     TooManyRequests,
-    Unauthorized,
     Unavailable,
     is_server_fault,
 )
 from serving.api.http_errors import install_error_handlers, internal_error
+from serving.api.limits import Limits, RequestLimits
 from serving.api.prepare import ModelInfo, Prepared, check_model, prepare
-from serving.api.protocol import read_json_body
+from serving.api.protocol import parse_json_body, read_json_body
 from serving.api.responses import SSE_DONE, Usage, sse_error
 from serving.api.tokenize import detokenize, tokenize
 from serving.config import InferosConfig
@@ -45,6 +50,8 @@ from serving.metrics import FrontendMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+HEALTH_TIMEOUT_S = 2.0
 try:
     VERSION = version("inferos-serve")  # GET /version, as vLLM's
 except PackageNotFoundError:  # run from a checkout that was never installed
@@ -52,6 +59,8 @@ except PackageNotFoundError:  # run from a checkout that was never installed
 app = FastAPI(title="Infer-OS Serve")
 app.include_router(control_router)  # control API (/v1/policy, ...) and the console at /
 install_error_handlers(app)  # OpenAI-shaped JSON for every error, counted per status
+app.add_middleware(RequestLimits)  # 431 / 413 before a request reaches a route
+app.add_middleware(ApiKeyAuth)  # outermost: no key, nothing else runs
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -78,6 +87,7 @@ class Ingress:
         direct_http: bool = False,
     ):
         configure_logging()
+        keep_replica_grpc_on_loopback()
         self.config = InferosConfig.model_validate(config)
         path = resolve_model_path(self.config.model.path)
         self.model_name = self.config.model.served_model_name or served_model_name(path)
@@ -89,13 +99,25 @@ class Ingress:
         self.scheduler = scheduler_actor(config)
         self.kv_store = kv_store_actor(config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.mux = DecodeMux(decode, self.replica_id, self._replica_lost)
+        # decode streams go to this name; decode aborts them once it names no live actor
+        self.subscriber_id = subscriber_name()
+        self.mux = DecodeMux(decode, self.subscriber_id, self._replica_lost)
         self.metrics = FrontendMetrics(self.model_name, self.replica_id)
         app.state.metrics = self.metrics  # the error handlers count every error answered
         app.state.control = ControlAPI(
             self.config, self.model_name, self.replica_id, self.scheduler, self.kv_store,
             self.metrics,
         )  # fmt: skip
+        app.state.auth = Auth.of(
+            self.config.api_keys, app.state.control.admin_token, self.config.server.public_paths
+        )
+        app.state.request_limits = Limits(
+            self.config.max_body_bytes, self.config.server.max_header_bytes
+        )
+        # JSON parsing, templating and tokenizing run here, off the event loop, so a large
+        # prompt holds up no stream and no /health; one thread, as a Hugging Face fast
+        # tokenizer is not safe to call from several at once ("Already borrowed")
+        self.preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.in_flight = 0
         self.created = int(time.time())
         self._cleanups: set[asyncio.Task] = set()
@@ -119,21 +141,28 @@ class Ingress:
     # --- plain endpoints -------------------------------------------------------------------
     @app.get("/health")
     async def health(self) -> Response:
-        snap = await self.scheduler.snapshot.remote()
+        """200 when requests can be served: the scheduler and the KV store answer, and the
+        replicas a request needs are up; else 503 saying what is missing."""
+        try:
+            counts, _ = await asyncio.wait_for(
+                asyncio.gather(self.scheduler.replica_counts.remote(), self.kv_store.ping.remote()),
+                HEALTH_TIMEOUT_S,
+            )  # replica_counts, not a snapshot: no copy of up to 1000 sessions
+        except (RayError, TimeoutError) as e:  # restarting (actors.get_or_create) or gone
+            reason = f"scheduler or kv_store not answering: {type(e).__name__}"
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         # no prefill replica is configured where one engine serves the node (pd_mode auto)
-        if not snap["decode"] or (self.config.has_prefill_replicas and not snap["prefill"]):
-            return JSONResponse({"status": "starting", "replicas": snap}, status_code=503)
+        if not counts["decode"] or (self.config.has_prefill_replicas and not counts["prefill"]):
+            return JSONResponse({"status": "starting", "replicas": counts}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> dict:
-        self._authorize(request)
         return {"object": "list", "data": [self._model_card()]}
 
     # `:path`: a model id may hold slashes (`org/name`; the openai client's %2F arrives decoded)
     @app.get("/v1/models/{model_id:path}")
     async def get_model(self, model_id: str, request: Request) -> dict:
-        self._authorize(request)
         check_model(model_id, self.model_info)  # 404 model_not_found
         return self._model_card()
 
@@ -150,17 +179,16 @@ class Ingress:
     # vLLM's extra endpoints, outside /v1 as vLLM has them (but behind the API key)
     @app.post("/tokenize")
     async def post_tokenize(self, request: Request) -> dict:
-        self._authorize(request)
-        return tokenize(await read_json_body(request), self.tokenizer, self.model_info)
+        body = await read_json_body(request)
+        return await self._off_loop(tokenize, body, self.tokenizer, self.model_info)
 
     @app.post("/detokenize")
     async def post_detokenize(self, request: Request) -> dict:
-        self._authorize(request)
-        return detokenize(await read_json_body(request), self.tokenizer, self.model_info)
+        body = await read_json_body(request)
+        return await self._off_loop(detokenize, body, self.tokenizer, self.model_info)
 
     @app.get("/version")
     async def get_version(self, request: Request) -> dict:
-        self._authorize(request)
         return {"version": VERSION}
 
     @app.get("/metrics")
@@ -180,20 +208,26 @@ class Ingress:
 
     async def _serve(self, request: Request, chat: bool) -> Response:
         started = time.perf_counter()
-        self._authorize(request)
-        prepared = prepare(await read_json_body(request), chat, self.tokenizer, self.model_info)
-        prepared.conversation_start = conversation_start(prepared.request, prepared.prompt_ids)
-        prepared.session_id = session_id(request.headers, prepared)
+        # admission first: a server at its limit reads, parses and tokenizes nothing more
         if self.in_flight >= self.config.scheduling.max_pending_requests:
             raise TooManyRequests(
                 f"server is at its limit of {self.config.scheduling.max_pending_requests} "
                 "requests in flight; retry shortly"
             )
-        # Counted out in `_generate`'s finally, which runs however the request ends: the
-        # streaming response closes its generator (`ClosingStreamingResponse`), and one
-        # never started is closed by asyncio when it is collected.
+        # Counted out in `_generate`'s finally, which runs however the request ends (the
+        # streaming response closes its generator: `ClosingStreamingResponse`), or below
+        # when the request is refused before `_generate` starts.
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
+        try:
+            raw = await request.body()  # at most server.max_body_bytes (RequestLimits)
+            prepared = await self._off_loop(
+                self._prepare, raw, request.headers.get("content-type"), chat
+            )
+            prepared.session_id = session_id(request.headers, prepared)
+        except BaseException:
+            self._done()
+            raise
         events = self._generate(prepared, started)
         first = await anext(events)  # routing/prefill errors surface as HTTP errors here
         if prepared.stream:
@@ -206,10 +240,15 @@ class Ingress:
         self.in_flight -= 1
         self.metrics.in_flight.set(self.in_flight)
 
-    def _authorize(self, request: Request) -> None:
-        key = self.config.server.api_key
-        if key and request.headers.get("authorization", "") != f"Bearer {key}":
-            raise Unauthorized("missing or wrong API key (send 'Authorization: Bearer <key>')")
+    def _prepare(self, raw: bytes, content_type: str | None, chat: bool) -> Prepared:
+        prepared = prepare(
+            parse_json_body(raw, content_type), chat, self.tokenizer, self.model_info
+        )
+        prepared.conversation_start = conversation_start(prepared.request, prepared.prompt_ids)
+        return prepared
+
+    async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.preparer, fn, *args)
 
     async def _generate(self, p: Prepared, started: float) -> AsyncIterator[TokenDelta]:
         """Routes, prefills and decodes one request; yields its token deltas."""
@@ -311,7 +350,7 @@ class Ingress:
             first_token,
             p.params,
             kv_key,
-            self.replica_id,
+            self.subscriber_id,
             store_turn=hasattr(p.request, "messages"),
         )
         error = await self.decode.submit.remote(request, replica_id=plan.decode_replica)

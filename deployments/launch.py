@@ -12,6 +12,7 @@ import time
 import httpx
 import ray
 from ray import serve
+from ray._private import ray_constants
 
 from deployments.actors import NAMESPACE, kill_singletons
 from deployments.app import APP_NAME, build_app
@@ -21,6 +22,8 @@ from serving.env import ray_address
 from serving.models.hf_folder import resolve_model_path
 
 logger = logging.getLogger(__name__)
+ENABLE_CLUSTERS_ENV = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR  # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
 
 
 def start_ray(num_cpus: int | None = None) -> None:
@@ -33,12 +36,35 @@ def start_ray(num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, namespace=NAMESPACE)
     else:
+        close_local_cluster()
         ray.init(
             num_cpus=num_cpus or max(os.cpu_count() or 2, 2),
             namespace=NAMESPACE,
             include_dashboard=False,
             log_to_driver=os.environ.get("INFEROS_RAY_LOG_TO_DRIVER", "1") == "1",
         )
+
+
+def close_local_cluster() -> None:
+    """The local cluster we start is for this machine only: every Ray server (GCS, raylet,
+    workers, agents) listens on 127.0.0.1 instead of all interfaces, and Ray's token
+    authentication is on (a token in ~/.ray/auth_token, created on first use).
+
+    Ray binds its gRPC servers to loopback only when the node's IP is 127.0.0.1, and it
+    resolves "127.0.0.1" to the machine's address unless clusters are "disabled", as on
+    macOS; so disable them for Ray's code in this process (read at import) and in the
+    processes it starts (read from the environment). A multi-node cluster is started with
+    `ray start` and joined through RAY_ADDRESS, which this never touches (README: Security).
+    """
+    os.environ[ENABLE_CLUSTERS_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray (2.52+) turns token authentication on by default for a cluster ray.init starts;
+    # setting RAY_AUTH_MODE here would skip its set-up (it respects an explicit mode as is)
+    if os.environ.get(AUTH_MODE_ENV, "token").lower() != "token":
+        logger.warning(
+            "%s=%s: Ray's token authentication is off; any local user can run code in "
+            "this cluster", AUTH_MODE_ENV, os.environ[AUTH_MODE_ENV],
+        )  # fmt: skip
 
 
 def run_app(config: InferosConfig, timeout_s: float = 600.0) -> str:

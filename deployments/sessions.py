@@ -12,6 +12,8 @@ import json
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from serving.api.limits import bounded_id
+
 SESSION_HEADER = "x-session-id"
 PREFIX_TOKENS = 64  # completions: tokens of the prompt that identify its conversation
 FIRST_MESSAGES = 2  # chat: a system prompt and the first user message
@@ -34,9 +36,11 @@ def conversation_start(req: Any, prompt_ids: list[int]) -> str:
 
 
 def session_id(headers: Mapping[str, str], prepared: _Prepared) -> str:
+    """Bounded in length whatever the client sends (`bounded_id`): the scheduler keeps up to
+    `MAX_SESSIONS` of them, so their size bounds its memory."""
     explicit = headers.get(SESSION_HEADER)
     if explicit:
-        return f"h:{explicit}"
+        return f"h:{bounded_id(explicit)}"
     if prepared.user:
-        return f"u:{prepared.user}"
+        return f"u:{bounded_id(prepared.user)}"
     return f"p:{prepared.conversation_start}"

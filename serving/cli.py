@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from serving.config import InferosConfig
-from serving.env import admin_token
+from serving.env import admin_token, api_key
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +25,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--prefill-replicas", type=int)
     p.add_argument("--decode-replicas", type=int)
-    p.add_argument("--api-key")
+    p.add_argument(
+        "--api-key",
+        nargs="+",
+        help="require one of these keys as 'Authorization: Bearer KEY' (default: "
+        "$INFEROS_API_KEY; /health, /metrics and the console page stay open)",
+    )
     p.add_argument(
         "--admin-token", help="token for the control API (default: $INFEROS_ADMIN_TOKEN)"
     )
@@ -65,7 +70,7 @@ def build_config(args: argparse.Namespace) -> InferosConfig:
         ("model", "max_model_len"): args.max_model_len,
         ("server", "host"): args.host,
         ("server", "port"): args.port,
-        ("server", "api_key"): args.api_key,
+        ("server", "api_key"): args.api_key or api_key(),
         ("server", "admin_token"): args.admin_token or admin_token(),
         # an absolute path: Ray workers do not share the driver's working directory
         ("server", "telemetry_dir"): args.telemetry_dir and str(Path(args.telemetry_dir).resolve()),

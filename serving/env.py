@@ -39,6 +39,11 @@ def admin_token() -> str | None:
     return os.environ.get("INFEROS_ADMIN_TOKEN") or None
 
 
+def api_key() -> str | None:
+    """API key required on the API's routes (`--api-key` / `server.api_key` win over it)."""
+    return os.environ.get("INFEROS_API_KEY") or None
+
+
 def ray_address() -> str | None:
     """An existing Ray cluster to join (`inferos serve`); unset = start a local one."""
     return os.environ.get("RAY_ADDRESS") or None

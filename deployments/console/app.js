@@ -155,7 +155,7 @@ function renderReplicas(replicas) {
 
 async function poll() {
   try {
-    const resp = await fetch("/v1/metrics");
+    const resp = await fetch("/v1/metrics", { headers: authHeaders("api-key") });
     if (!resp.ok) throw new Error(await errorText(resp));
     const m = await resp.json();
     charts.tps.push([m.tokens_per_s]);
@@ -180,7 +180,7 @@ async function poll() {
 async function checkHealth() {
   const pill = $("health");
   try {
-    const resp = await fetch("/v1/health");
+    const resp = await fetch("/v1/health", { headers: authHeaders("api-key") });
     const h = await resp.json();
     pill.textContent = `${h.status} · ${h.replicas.prefill} prefill / ${h.replicas.decode} decode`;
     pill.className = `pill ${resp.ok ? "ok" : "bad"}`;
@@ -205,7 +205,7 @@ async function init() {
   } else {
     $("model").textContent = `models: ${await errorText(resp)}`;
   }
-  const p = await (await fetch("/v1/policy")).json();
+  const p = await (await fetch("/v1/policy", { headers: authHeaders("api-key") })).json();
   $("kv-profile").value = p.kv_profile;
   $("pd-mode").value = p.pd_mode;
   $("speculation").checked = p.speculation;

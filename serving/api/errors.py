@@ -93,7 +93,7 @@ class InternalServerError(ServeError):
 
 # Every status the API answers errors with: `inferos:request_errors_total` has a series
 # for each from the start (at 0), so dashboards show a healthy server as 0, not "No data".
-ERROR_STATUSES = (400, 401, 403, 404, 405, 415, 429, 500, 503)
+ERROR_STATUSES = (400, 401, 403, 404, 405, 413, 415, 429, 431, 500, 503)
 
 
 def is_server_fault(exc: BaseException) -> bool:
