@@ -11,8 +11,9 @@ import ray
 import torch
 from ray import serve
 
-from deployments.actors import kv_store_actor, scheduler_actor
+from deployments.kv_store import kv_store_actor
 from deployments.loopback import keep_replica_grpc_on_loopback
+from deployments.scheduler import scheduler_actor
 from policies.runtime import RuntimePolicy
 from serving.backends.base import BackendContext
 from serving.backends.registry import build_engine
@@ -21,6 +22,7 @@ from serving.engine.engine import LLMEngine, StepOutput, StepStats
 from serving.engine.engine_thread import EngineThread
 from serving.kv.block_format import KVPayload
 from serving.logging_setup import configure_logging
+from serving.memory import MemoryAccount, model_of, summary_line
 from serving.messages import ReplicaLoad, Role
 from serving.metrics import EngineMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
@@ -60,6 +62,13 @@ class EngineReplica:
             self._on_step,
         )
         self.engine = await self.thread.wait_ready()
+        pool = self.engine.block_pool
+        self.memory = MemoryAccount.after_load(
+            model_of(self.engine), pool.num_blocks * pool.block_bytes
+        )
+        sample = self.memory.sample(self.engine.block_pool.used_bytes)
+        self.metrics.memory(sample)
+        logger.info("%s", summary_line(self.role.value, self.replica_id, sample))
         self._report_task = asyncio.create_task(self._report_loop())
         logger.info(
             "%s replica %s ready (pid %d, %d torch threads)",
@@ -93,6 +102,8 @@ class EngineReplica:
         self.metrics.waiting.set(engine.num_waiting)
         self.metrics.kv_usage.set(engine.kv_usage)
         self.metrics.kv_blocks_used.set(engine.block_pool.num_used_blocks)
+        if with_metrics:  # RSS and rusage reads: only when the metrics text is sent
+            self.metrics.memory(self.memory.sample(engine.block_pool.used_bytes))
         self.metrics.preemptions.inc(engine.num_preemptions - self._preemptions_reported)
         self._preemptions_reported = engine.num_preemptions
         self._export_kv_levels(engine)
@@ -193,6 +204,7 @@ class EngineReplica:
             "kv_blocks_used": self.engine.block_pool.num_used_blocks,
             "kv_blocks_total": self.engine.config.num_blocks,
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "kv_demotions": self.engine.staged.counters.demotions,
             "kv_units_imported": self.engine.staged.counters.imported,
             "int4_layers": sum(

@@ -52,6 +52,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="staged-KV profile at start (default baseline; changeable via POST /v1/policy)",
     )
     p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each replica's planned memory (weights, KV pool, workspace) and the KV "
+        "store's budget against this machine's; exit 2 if it cannot fit; start nothing",
+    )
+    p.add_argument(
         "--no-prefix-reuse",
         dest="prefix_reuse",
         action="store_false",
@@ -88,9 +94,11 @@ def build_config(args: argparse.Namespace) -> InferosConfig:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    if args.dry_run:
+        return dry_run(config)
     from deployments.launch import run_app, shutdown
 
-    config = build_config(args)
     print(f"starting Infer-OS Serve ({config.model.path or 'default model'}) ...", flush=True)
     try:
         url = run_app(config)
@@ -112,6 +120,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         print("shutting down ...", flush=True)
         shutdown()
+    return 0
+
+
+def dry_run(config: InferosConfig) -> int:
+    """Print what each replica would hold; exit 2 if it cannot fit here (nothing started)."""
+    from serving.models.hf_folder import resolve_model_path
+    from serving.plan import make_plan
+
+    plan = make_plan(config, resolve_model_path(config.model.path))
+    print(plan.table())
+    refusal = plan.refusal()
+    if refusal is not None:
+        print(f"refused: {refusal}", file=sys.stderr)
+        return 2
+    print("fits: `inferos serve` without --dry-run starts it")
     return 0
 
 

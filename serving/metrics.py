@@ -16,6 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.api.errors import ERROR_STATUSES
 
+MEMORY_KINDS = ("weights", "kv_budget", "kv_used", "workspace_peak", "rss")  # serving/memory.py
+
 P = "inferos:"
 # fmt: off
 # vLLM's bucket boundaries, so dashboards built for vLLM read ours unchanged.
@@ -171,6 +173,17 @@ class EngineMetrics(_Instruments):
             ("provider",),
         )
         self.execution_provider("torch-cpu")
+        self._memory = self._gauge(
+            "memory_bytes",
+            "Bytes of this replica's memory by kind: weights, kv_budget, kv_used, "
+            "workspace_peak (peak RSS above the loaded state), rss.",
+            ("kind",),
+        )
+        self.memory({kind: 0 for kind in MEMORY_KINDS})  # every kind exists from the start
+
+    def memory(self, sample: dict[str, int]) -> None:
+        for kind, n in sample.items():
+            self._memory.labels(**self.labels, kind=kind).set(n)
 
     def spec_accepted_at(self, position: int, n: int = 1) -> None:
         """Count `n` accepted draft tokens at draft position `position` (0-based)."""

@@ -72,6 +72,16 @@ class Snapshot:
                 out[f"{d.get('role', '')}/{d.get('replica', '')}"] = d.get(label, "")
         return out
 
+    def by_replica_and(self, name: str, label: str) -> dict[str, dict[str, float]]:
+        """Per `role/replica`, the values of `name` by `label` (e.g. memory_bytes by kind)."""
+        out: dict[str, dict[str, float]] = {}
+        for (n, labels), v in self.samples.items():
+            if n == P + name:
+                d = dict(labels)
+                key = f"{d.get('role', '')}/{d.get('replica', '')}"
+                out.setdefault(key, {})[d.get(label, "")] = v
+        return out
+
     def max(self, name: str) -> float | None:
         vals = [v for (n, _), v in self.samples.items() if n == P + name and not math.isnan(v)]
         return max(vals) if vals else None
@@ -122,6 +132,7 @@ def summarize(new: Snapshot, old: Snapshot) -> dict:
     )
     usage = new.by_replica("kv_cache_usage_perc")
     providers = new.info_by_replica("execution_provider_info", "provider")
+    memory = new.by_replica_and("memory_bytes", "kind")
     replicas = {
         key: {
             "utilisation": min(1.0, max(0.0, busy_new[key] - busy_old.get(key, 0.0)) / dt),
@@ -129,6 +140,7 @@ def summarize(new: Snapshot, old: Snapshot) -> dict:
             "num_waiting": waiting.get(key, 0.0),
             "kv_cache_usage": usage.get(key, 0.0),
             "execution_provider": providers.get(key),
+            "memory_bytes": memory.get(key, {}),
         }
         for key in sorted(busy_new)
     }

@@ -146,10 +146,16 @@ async function applyPolicy(ev) {
 }
 
 // --- live metrics ------------------------------------------------------------------------
+function memoryText(m) {  // inferos:memory_bytes{kind} of one replica
+  if (m.rss === undefined) return "";
+  return `${fmtBytes(m.rss)} (weights ${fmtBytes(m.weights)}, KV ${fmtBytes(m.kv_used)} of ${fmtBytes(m.kv_budget)})`;
+}
+
 function renderReplicas(replicas) {
   const rows = Object.entries(replicas).map(([key, r]) =>
     `<tr><td>${key.slice(0, 24)}</td><td>${(100 * r.utilisation).toFixed(0)} %</td>` +
-    `<td>${r.num_running}</td><td>${r.num_waiting}</td><td>${(100 * r.kv_cache_usage).toFixed(1)} %</td></tr>`);
+    `<td>${r.num_running}</td><td>${r.num_waiting}</td><td>${(100 * r.kv_cache_usage).toFixed(1)} %</td>` +
+    `<td>${memoryText(r.memory_bytes || {})}</td></tr>`);
   $("replicas").tBodies[0].innerHTML = rows.join("");
 }
 

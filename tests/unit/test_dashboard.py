@@ -128,6 +128,7 @@ def test_dashboard_queries_only_exported_series() -> None:
         "inferos:spec_decode_num_draft_tokens_total",
         "inferos:engine_step_seconds_sum",
         "inferos:execution_provider_info",
+        "inferos:memory_bytes",
     ):
         assert name in used, name
 
