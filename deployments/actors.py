@@ -1,4 +1,6 @@
-"""Names and get-or-create helpers for the app's singleton actors (scheduler, kv_store).
+"""Names and the get-or-create helper of the app's singleton actors (scheduler, kv_store);
+each actor's module has its own accessor (`scheduler_actor`, `kv_store_actor`), so no module
+here knows either class.
 
 They are named, detached actors in the `inferos` namespace, created by whichever replica
 needs them first, so every process finds the same ones; `inferos serve` removes them on
@@ -37,18 +39,6 @@ def get_or_create(actor_cls: type, name: str, *args: object) -> ray.actor.ActorH
         )
         .remote(*args)
     )
-
-
-def scheduler_actor(config: dict) -> ray.actor.ActorHandle:
-    from deployments.scheduler import SchedulerActor
-
-    return get_or_create(SchedulerActor, SCHEDULER_NAME, config)
-
-
-def kv_store_actor(config: dict) -> ray.actor.ActorHandle:
-    from deployments.kv_store import KVStoreActor
-
-    return get_or_create(KVStoreActor, KV_STORE_NAME, config)
 
 
 def close_kv_store(timeout_s: float = CLOSE_TIMEOUT_S) -> None:

@@ -13,10 +13,15 @@ import time
 from typing import TYPE_CHECKING
 
 from policies.control import (
+    PRESSURE_LOW,
     ControlState,
+    Decision,
     Observation,
     anomaly,
-    pressure_profile,
+    batch_limit,
+    fall_back,
+    pressure_decision,
+    slow_decision,
     window_for,
 )
 from serving.config import ControlSettings
@@ -26,9 +31,6 @@ if TYPE_CHECKING:
     from deployments.scheduler import SchedulerActor
 
 logger = logging.getLogger(__name__)
-
-CALM_BEFORE_UNDO_S = 5.0
-PRESSURE_LOW = 0.5
 
 
 class ControlLoops:
@@ -98,15 +100,11 @@ class ControlLoops:
         if why is not None:
             self.state.outcomes.clear()  # judge the new state on new outcomes
             self._prune_silent(obs)
-            await self._fall_back(why)
-            return
-        if self.state.fallback_since_s is not None:
-            return
-        profile = pressure_profile(obs, self.settings.pressure_high)
-        if profile is not None:
-            self.state.auto_profile = profile
-            self.state.calm_since_s = None
-            await self._apply({"kv_profile": profile}, f"KV pressure → profile {profile}")
+            policy = self.scheduler.policy.model_dump()
+            self.state, decision = fall_back(self.state, time.time(), why, policy)
+        else:
+            self.state, decision = pressure_decision(self.state, obs, self.settings.pressure_high)
+        await self._carry_out(decision)
 
     async def _mid(self) -> None:
         sched = self.scheduler
@@ -122,29 +120,16 @@ class ControlLoops:
                 await self._apply({"kv_window": window}, f"KV window → {window}")
         ctx = sched.run_context
         if ctx is not None and ctx.expected_batch_size is not None:
-            limit = max(8, int(ctx.expected_batch_size * 1.5))
+            limit = batch_limit(ctx.expected_batch_size)
             if sched.policy.max_num_seqs != limit:
                 await self._apply({"max_num_seqs": limit}, f"batch limit → {limit}")
 
     async def _slow(self) -> None:
-        now = time.time()
-        st = self.state
-        if st.fallback_since_s is not None:
-            if now - st.fallback_since_s >= self.settings.fallback_hold_s:
-                saved, st.fallback_since_s, st.saved_policy = st.saved_policy or {}, None, None
-                self.scheduler.metrics.fallback_active.set(0)
-                await self._apply(saved, "no anomaly since the fallback: policy restored")
-            return
-        if st.auto_profile is None:
-            return
         usage = [s.kv_usage for s in self.scheduler.replicas[Role.DECODE].values()]
-        if usage and max(usage) < PRESSURE_LOW:
-            st.calm_since_s = st.calm_since_s or now
-            if now - st.calm_since_s >= CALM_BEFORE_UNDO_S:
-                st.auto_profile = None
-                await self._apply({"kv_profile": "baseline"}, "KV pressure gone → baseline")
-        else:
-            st.calm_since_s = None
+        self.state, decision = slow_decision(
+            self.state, time.time(), max(usage, default=None), self.settings.fallback_hold_s
+        )
+        await self._carry_out(decision)
 
     def _prune_silent(self, obs: Observation) -> None:
         """Forget replicas that stopped reporting (Serve replaces a dead replica under a
@@ -156,23 +141,16 @@ class ControlLoops:
                 logger.warning("control: replica %s silent for over %.1f s: forgotten", rid, limit)
 
     # --- actions ------------------------------------------------------------------------
-    async def _fall_back(self, why: str) -> None:
-        sched = self.scheduler
-        policy = sched.policy
-        first = self.state.fallback_since_s is None
-        self.state.fallback_since_s = time.time()
-        if not first:
-            return  # still in fallback: the hold restarts
-        self.num_fallbacks += 1
-        sched.metrics.fallback(why)
-        self.state.saved_policy = {
-            "kv_profile": policy.kv_profile,
-            "speculation": policy.speculation,
-            "kv_window": policy.kv_window,
-        }
-        self.state.auto_profile = None
-        logger.warning("control: FALLBACK to baseline behaviour: %s", why)
-        await self._apply({"kv_profile": "baseline", "speculation": False}, f"fallback: {why}")
+    async def _carry_out(self, decision: Decision | None) -> None:
+        if decision is None:
+            return
+        if decision.fallback:
+            self.num_fallbacks += 1
+            self.scheduler.metrics.fallback(decision.reason)
+            logger.warning("control: FALLBACK to baseline behaviour: %s", decision.reason)
+        if decision.lifts_fallback:
+            self.scheduler.metrics.fallback_active.set(0)
+        await self._apply(decision.changes, decision.reason)
 
     async def _apply(self, changes: dict, reason: str) -> None:
         policy = self.scheduler.policy.model_dump()

@@ -21,11 +21,12 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 from transformers import AutoTokenizer
 
-from deployments.actors import kv_store_actor, scheduler_actor
 from deployments.control_api import ControlAPI, control_router
 from deployments.decode_mux import DecodeMux
 from deployments.direct_http import DirectHTTP
+from deployments.kv_store import kv_store_actor
 from deployments.loopback import keep_replica_grpc_on_loopback
+from deployments.scheduler import scheduler_actor
 from deployments.sessions import conversation_start, session_id
 from deployments.subscribers import subscriber_name
 from serving.api.auth import ApiKeyAuth, Auth

@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from deployments.actors import KV_STORE_NAME, get_or_create
 from serving.config import InferosConfig
 from serving.kv.block_format import KVPayload
 from serving.kv.store import KVStore
@@ -77,3 +78,8 @@ class KVStoreActor:
 
     async def metrics_text(self) -> str:
         return self.metrics.exposition()
+
+
+def kv_store_actor(config: dict) -> ray.actor.ActorHandle:
+    """The app's KV store (created by whichever process asks first)."""
+    return get_or_create(KVStoreActor, KV_STORE_NAME, config)

@@ -13,8 +13,9 @@ import time
 
 import ray
 
-from deployments.actors import kv_store_actor
+from deployments.actors import SCHEDULER_NAME, get_or_create
 from deployments.control_loops import ControlLoops
+from deployments.kv_store import kv_store_actor
 from policies.control import PROFILE_DELTA_PPL_PCT
 from policies.routing import ReplicaState, is_alive, route
 from policies.run_context import RunContext
@@ -238,3 +239,8 @@ def _state_dict(s: ReplicaState) -> dict:
         "step_time_s": s.step_time_s,
         "last_report_s": s.last_report_s,
     }
+
+
+def scheduler_actor(config: dict) -> ray.actor.ActorHandle:
+    """The app's scheduler (created by whichever process asks first)."""
+    return get_or_create(SchedulerActor, SCHEDULER_NAME, config)

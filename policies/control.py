@@ -19,7 +19,7 @@ budget. Each decision says why, for logs and metrics.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 # Measured ΔPPL % per profile (wikitext-2, context 2048, default model, 16k tokens:
 # `benchmarks/eval_kv_quality.py`, results/2026-11-22/kv_quality.json); a profile costing
@@ -31,6 +31,11 @@ PROFILE_DELTA_PPL_PCT: dict[str, float] = {
     "aggressive": 2.833,
 }
 LOSSY_ORDER = ("aggressive", "balanced", "safe")  # most saving first
+FALLBACK_POLICY = {"kv_profile": "baseline", "speculation": False}
+SAVED_ON_FALLBACK = ("kv_profile", "speculation", "kv_window")  # restored when it lifts
+CALM_BEFORE_UNDO_S = 5.0  # pressure must stay low this long before a profile is undone
+PRESSURE_LOW = 0.5
+MIN_BATCH_LIMIT = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +56,8 @@ class Observation:
 class Decision:
     changes: dict  # RuntimePolicy changes ({} = none)
     reason: str
-    fallback: bool = False
+    fallback: bool = False  # this decision starts a fallback
+    lifts_fallback: bool = False  # this decision ends one
 
 
 @dataclass(slots=True)
@@ -104,3 +110,65 @@ def window_for(pressure: float, shrunk: bool, high: float, low: float) -> tuple[
     if pressure <= low and shrunk:
         return False, None
     return shrunk, -1  # -1: no change
+
+
+# --- one tick each: (state, what was seen) -> (next state, decision or None) ------------------
+def fall_back(
+    state: ControlState, now_s: float, why: str, policy: dict
+) -> tuple[ControlState, Decision | None]:
+    """An anomaly: start a fallback (saving the policy to restore), or, already in one,
+    restart its hold (no new decision)."""
+    if state.fallback_since_s is not None:
+        return replace(state, fallback_since_s=now_s), None
+    saved = {k: policy[k] for k in SAVED_ON_FALLBACK if k in policy}
+    next_state = replace(state, fallback_since_s=now_s, saved_policy=saved, auto_profile=None)
+    return next_state, Decision(dict(FALLBACK_POLICY), f"fallback: {why}", fallback=True)
+
+
+def pressure_decision(
+    state: ControlState, obs: Observation, high: float
+) -> tuple[ControlState, Decision | None]:
+    """Fast loop without an anomaly: a lossy profile under memory pressure (not during a
+    fallback, and only within the quality budget)."""
+    if state.fallback_since_s is not None:
+        return state, None
+    profile = pressure_profile(obs, high)
+    if profile is None:
+        return state, None
+    next_state = replace(state, auto_profile=profile, calm_since_s=None)
+    return next_state, Decision({"kv_profile": profile}, f"KV pressure → profile {profile}")
+
+
+def slow_decision(
+    state: ControlState,
+    now_s: float,
+    max_kv_usage: float | None,
+    fallback_hold_s: float,
+    calm_before_undo_s: float = CALM_BEFORE_UNDO_S,
+    low: float = PRESSURE_LOW,
+) -> tuple[ControlState, Decision | None]:
+    """Slow loop: lift a fallback after `fallback_hold_s` without anomalies (restoring the
+    saved policy); undo a pressure profile once usage stayed under `low` for
+    `calm_before_undo_s` (a dip shorter than that restarts the wait)."""
+    if state.fallback_since_s is not None:
+        if now_s - state.fallback_since_s < fallback_hold_s:
+            return state, None
+        saved = state.saved_policy or {}
+        next_state = replace(state, fallback_since_s=None, saved_policy=None)
+        reason = "no anomaly since the fallback: policy restored"
+        return next_state, Decision(dict(saved), reason, lifts_fallback=True)
+    if state.auto_profile is None:
+        return state, None
+    if max_kv_usage is None or max_kv_usage >= low:
+        return replace(state, calm_since_s=None), None
+    calm_since = state.calm_since_s if state.calm_since_s is not None else now_s
+    if now_s - calm_since < calm_before_undo_s:
+        return replace(state, calm_since_s=calm_since), None
+    next_state = replace(state, calm_since_s=calm_since, auto_profile=None)
+    return next_state, Decision({"kv_profile": "baseline"}, "KV pressure gone → baseline")
+
+
+def batch_limit(expected_batch_size: int) -> int:
+    """Mid loop: the decode batch limit for the run context's expected batch size (room for
+    bursts half again as large)."""
+    return max(MIN_BATCH_LIMIT, int(expected_batch_size * 1.5))
