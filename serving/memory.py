@@ -7,7 +7,8 @@
     workspace_peak    how far the process's peak RSS rose above what it held once the
                       model and the KV pool were in place: activations, matmul workspaces,
                       allocator slack (CPU torch keeps no allocator statistics; this is the
-                      closest measure the OS gives)
+                      closest measure the OS gives). A peak reached while loading (e.g.
+                      quantizing) hides any later use below it: 0 then means "no higher"
     rss               resident memory of the whole process now
 
 Exported as `inferos:memory_bytes{kind}` by each replica and logged once at start-up.
