@@ -7,8 +7,8 @@
     workspace_peak    how far the process's peak RSS rose above what it held once the
                       model and the KV pool were in place: activations, matmul workspaces,
                       allocator slack (CPU torch keeps no allocator statistics; this is the
-                      closest measure the OS gives). A peak reached while loading (e.g.
-                      quantizing) hides any later use below it: 0 then means "no higher"
+                      closest measure the OS gives). The peak is reset once loading is
+                      done (Linux), so a loading spike does not hide later use
     rss               resident memory of the whole process now
 
 Exported as `inferos:memory_bytes{kind}` by each replica and logged once at start-up.
@@ -43,9 +43,28 @@ def tensor_bytes(module: nn.Module) -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set (getrusage: KiB on Linux, bytes on macOS)."""
+    """The process's peak resident set since start or since `reset_peak()`: Linux's VmHWM;
+    elsewhere getrusage (KiB on Linux, bytes on macOS), which cannot be reset."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak() -> bool:
+    """Start the peak afresh from the current RSS (Linux >= 4.0: clear_refs "5"), so a peak
+    reached while loading (fp32 weights cast, quantizing) does not hide later use."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def rss_bytes() -> int:
@@ -63,7 +82,8 @@ class MemoryAccount:
     @classmethod
     def after_load(cls, model: nn.Module | None, kv_budget: int) -> MemoryAccount:
         weights = tensor_bytes(model) if model is not None else 0
-        return cls(weights, kv_budget, max(peak_rss_bytes(), rss_bytes()))
+        baseline = rss_bytes() if reset_peak() else max(peak_rss_bytes(), rss_bytes())
+        return cls(weights, kv_budget, baseline)
 
     def sample(self, kv_used: int) -> dict[str, int]:
         """`kv_used`: bytes of the pool's budget in use (blocks and quantized units)."""

@@ -55,11 +55,14 @@ def test_a_sample_has_every_kind_and_the_metric_exports_them() -> None:
 
 
 def _peak_rise_in_a_fresh_process() -> int:
-    """workspace_peak after touching 64 MiB past the loaded state. In a fresh process: in
-    this one, earlier tests may have left a higher peak than 64 MiB more would reach."""
+    """workspace_peak after touching 64 MiB past the loaded state, in a fresh process that
+    first peaked higher while "loading" (the peak must start afresh after loading)."""
     code = (
         "import torch\n"
         "from serving.memory import MemoryAccount\n"
+        "spike = torch.ones(256 << 20, dtype=torch.uint8)\n"
+        "spike.add_(1)\n"
+        "del spike\n"
         "account = MemoryAccount.after_load(None, 0)\n"
         "big = torch.ones(64 << 20, dtype=torch.uint8)\n"
         "big.add_(1)\n"
