@@ -32,11 +32,12 @@ def cell(weights: str, profile: str, c: int, input_len: int, output_len: int) ->
 
     from serving.engine.sampling_params import SamplingParams
     from serving.engine.sequence import Sequence
-    from serving.memory import MemoryAccount, model_of
+    from serving.memory import MemoryAccount, model_of, return_freed_heap
 
     torch.set_num_threads(2)
     overrides = {"model": {"weights": weights}, "kv_cache": {"profile": profile}}
     engine = _build_engine(2, 1024, overrides)
+    return_freed_heap()  # as an engine replica does after loading
     pool = engine.block_pool
     account = MemoryAccount.after_load(model_of(engine), pool.num_blocks * pool.block_bytes)
     gen = torch.Generator().manual_seed(c)

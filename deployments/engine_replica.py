@@ -22,7 +22,7 @@ from serving.engine.engine import LLMEngine, StepOutput, StepStats
 from serving.engine.engine_thread import EngineThread
 from serving.kv.block_format import KVPayload
 from serving.logging_setup import configure_logging
-from serving.memory import MemoryAccount, model_of, summary_line
+from serving.memory import MemoryAccount, model_of, return_freed_heap, summary_line
 from serving.messages import ReplicaLoad, Role
 from serving.metrics import EngineMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
@@ -62,6 +62,7 @@ class EngineReplica:
             self._on_step,
         )
         self.engine = await self.thread.wait_ready()
+        return_freed_heap()  # what casting/quantizing at load freed, back to the OS
         pool = self.engine.block_pool
         self.memory = MemoryAccount.after_load(
             model_of(self.engine), pool.num_blocks * pool.block_bytes

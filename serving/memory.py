@@ -16,6 +16,8 @@ Exported as `inferos:memory_bytes{kind}` by each replica and logged once at star
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 from dataclasses import dataclass
@@ -54,6 +56,19 @@ def peak_rss_bytes() -> int:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def return_freed_heap() -> int:
+    """Give the heap that loading freed back to the OS (glibc `malloc_trim`); bytes of RSS
+    returned. Casting and quantizing weights at load free hundreds of MB in small enough
+    pieces that glibc keeps them: 400 MB of an int8 replica's RSS, measured. 0 elsewhere."""
+    before = rss_bytes()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return 0
+    return max(0, before - rss_bytes())
 
 
 def reset_peak() -> bool:

@@ -22,11 +22,11 @@ from serving.backends.placement import one_engine_per_node
 from serving.config import InferosConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Quantized copies kept beside the dense weights (serving/models/weight_formats.py): int8
-# codes (1 byte per weight) or int4 packs (~0.5), measured on the default model with
-# `inferos:memory_bytes{kind="weights"}`; "auto" adds the int4 repack only for GGUF-grid
-# weights, which the plan cannot see from the folder, so it counts them as if there.
-FORMAT_EXTRA = {"bf16": 0.0, "auto": 0.25, "int8": 0.5, "int4": 0.25}
+# Quantized copies kept beside the dense weights (serving/models/weight_formats.py: int8
+# codes, int4 packs, the Q8 head), measured on the default model (memory_bytes weights over
+# bf16's: benchmarks/results/2026-12-05/memory); "auto" adds the int4 repack only for
+# GGUF-grid weights, which the plan cannot see from the folder, so it counts them as there.
+FORMAT_EXTRA = {"bf16": 0.0, "auto": 0.36, "int8": 0.56, "int4": 0.36}
 WORKSPACE_FLOATS_PER_TOKEN = 16  # hidden-size multiples alive in one layer of one step
 FITS_FRACTION = 0.9  # of the available memory: the OS, Ray and the ingress need the rest
 
