@@ -35,6 +35,7 @@ import psutil
 
 from serving.bench.prompts import build_prompts, load_token_counter, read_source_text
 from serving.bench.report import percentile
+from serving.telemetry import Snapshot
 
 MIX = {"valid_stream": 0.55, "valid_plain": 0.2, "invalid": 0.15, "disconnect": 0.1}
 INVALID_BODIES = [
@@ -72,14 +73,6 @@ def rss_mb(procs: dict[str, psutil.Process]) -> dict[str, float]:
         except psutil.Error:
             out[name] = float("nan")  # died: shows as a gap
     return out
-
-
-def metric_total(text: str, name: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    )
 
 
 class Soak:
@@ -205,7 +198,7 @@ async def sample(http: httpx.AsyncClient, runner: Soak, procs: dict, t: float) -
     window, runner.window = runner.window, Window()
     try:
         text = (await http.get("/metrics", timeout=30)).text
-        disk = metric_total(text, "inferos:kv_store_disk_bytes")
+        disk = Snapshot.parse(text, t).total("kv_store_disk_bytes")
         healthy = (await http.get("/health", timeout=30)).status_code == 200
     except httpx.HTTPError:
         disk, healthy = float("nan"), False

@@ -25,10 +25,6 @@ from dataclasses import dataclass
 import psutil
 from torch import nn
 
-from serving.metrics import MEMORY_KINDS
-
-KINDS = MEMORY_KINDS  # each sample has every kind
-
 
 def tensor_bytes(module: nn.Module) -> int:
     """Bytes of `module`'s parameters and buffers, each storage once."""
@@ -126,4 +122,3 @@ def model_of(engine: object) -> nn.Module | None:
     """The torch model of an engine's runner, if it has one (other backends: None)."""
     model = getattr(getattr(engine, "runner", None), "model", None)
     return model if isinstance(model, nn.Module) else None
-

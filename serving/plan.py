@@ -20,6 +20,7 @@ import psutil
 
 from serving.backends.placement import one_engine_per_node
 from serving.config import InferosConfig
+from serving.kv.block_format import KVLayout
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Quantized copies kept beside the dense weights (serving/models/weight_formats.py: int8
@@ -107,13 +108,18 @@ def safetensors_numel(folder: Path) -> int:
     return total
 
 
-def kv_bytes_per_block(cfg: dict, block_size: int, dtype_bytes: int) -> int:
-    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg["num_layers"]
+def kv_bytes_per_block(cfg: dict, block_size: int, dtype: str) -> int:
+    """A block of the engine's layout (`KVLayout`), from a Hugging Face config's names."""
     heads = cfg.get("num_attention_heads") or cfg.get("n_head")
-    kv_heads = cfg.get("num_key_value_heads") or heads
     hidden = cfg.get("hidden_size") or cfg.get("n_embd")
-    head_dim = cfg.get("head_dim") or hidden // heads
-    return layers * 2 * block_size * kv_heads * head_dim * dtype_bytes
+    layout = KVLayout(
+        num_layers=cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg["num_layers"],
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        block_size=block_size,
+        dtype=dtype,
+    )
+    return layout.bytes_per_block()
 
 
 def role_device(config: InferosConfig, role: str) -> str:
@@ -131,9 +137,7 @@ def make_plan(config: InferosConfig, folder: Path, available: int | None = None)
     weight_bytes = DTYPE_BYTES.get(config.model_dtype, 4)
     dense = safetensors_numel(folder) * weight_bytes
     weights = int(dense * (1 + FORMAT_EXTRA.get(config.model.weights, 0.0)))
-    kv_block = kv_bytes_per_block(
-        cfg, config.kv_cache.block_size, DTYPE_BYTES.get(config.kv_dtype, 4)
-    )
+    kv_block = kv_bytes_per_block(cfg, config.kv_cache.block_size, config.kv_dtype)
     hidden = cfg.get("hidden_size") or cfg.get("n_embd") or 0
     workspace = config.scheduling.max_num_batched_tokens * hidden * WORKSPACE_FLOATS_PER_TOKEN * 4
     replicas = [

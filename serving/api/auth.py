@@ -13,6 +13,7 @@ import hmac
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.api.errors import Unauthorized
@@ -72,7 +73,7 @@ class ApiKeyAuth:
         if auth.is_public(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        header = _header(scope, b"authorization")
+        header = Headers(scope=scope).get("authorization")
         token = bearer_token(header)
         if token is None or not auth.accepts(token.encode("latin-1")):
             err = Unauthorized(
@@ -83,10 +84,3 @@ class ApiKeyAuth:
             await error_response(app, err)(scope, receive, send)
             return
         await self.app(scope, receive, send)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None

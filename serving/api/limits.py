@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.api.errors import ServeError
@@ -75,7 +76,7 @@ class RequestLimits:
             )
             await error_response(app, err)(scope, receive, send)
             return
-        declared = _content_length(headers)
+        declared = _content_length(Headers(raw=headers).get("content-length"))
         if declared is not None and declared > limits.max_body_bytes:
             await error_response(app, _too_large(limits.max_body_bytes))(scope, receive, send)
             return
@@ -93,11 +94,8 @@ class RequestLimits:
         await self.app(scope, counting_receive, send)
 
 
-def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
-    for key, value in headers:
-        if key.lower() == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+def _content_length(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None

@@ -16,14 +16,13 @@ import sys
 import threading
 import time
 
-import httpx
 import ray
 from openai import OpenAI
 from ray import serve
 from ray.cluster_utils import Cluster
 
 from deployments.app import APP_NAME
-from deployments.launch import close_local_cluster, run_app, shutdown
+from deployments.launch import close_local_cluster, run_app, shutdown, wait_healthy
 from serving.config import InferosConfig
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -49,15 +48,13 @@ def generate(client: OpenAI, n: int = 16) -> str:
 def wait_serving(client: OpenAI, url: str, timeout_s: float) -> float:
     """Seconds until /health is 200 and a request succeeds."""
     started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
+    while True:
+        wait_healthy(url, timeout_s - (time.monotonic() - started))
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                generate(client, 2)
-                return time.monotonic() - started
+            generate(client, 2)
+            return time.monotonic() - started
         except Exception:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"not serving again within {timeout_s:.0f} s")
+            time.sleep(1)  # healthy, but the new replica was not routable yet
 
 
 def main() -> dict:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import threading
 import time
 
-import httpx
 import pytest
 import ray
 
+from deployments.launch import wait_healthy
 from tests.integration.conftest import MODEL
 
 pytestmark = pytest.mark.integration
@@ -63,14 +63,6 @@ def test_decode_aborts_the_streams_of_a_dead_ingress(app) -> None:
     assert aborted_after < 0.5 * remaining_s, (aborted_after, remaining_s)
     assert ended.wait(60)
 
-    # Serve replaces the ingress; the app serves again
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{app.url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    wait_healthy(app.url, 180)  # Serve replaces the ingress; the app serves again
     out = app.client().completions.create(model=MODEL, prompt="Hello", max_tokens=4)
     assert out.choices[0].text

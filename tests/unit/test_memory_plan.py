@@ -83,14 +83,14 @@ def _memory_samples(metrics: EngineMetrics) -> dict[str, float]:
 
 def test_the_plan_reads_shapes_from_the_headers(folder: Path) -> None:
     assert safetensors_numel(folder) == 100 * 64 + 3 * 5 * 7 + 10
-    assert kv_bytes_per_block(CFG, block_size=16, dtype_bytes=2) == 3 * 2 * 16 * 2 * 16 * 2
+    assert kv_bytes_per_block(CFG, block_size=16, dtype="bfloat16") == 3 * 2 * 16 * 2 * 16 * 2
     config = InferosConfig.model_validate(
         {"model": {"dtype": "float32", "weights": "bf16"}, "kv_cache": {"dtype": "float32"}}
     )
     plan = make_plan(config, folder, available=64 << 30)
     (decode,) = [r for r in plan.replicas if r.role == "decode"]
     assert decode.weights == safetensors_numel(folder) * 4
-    assert decode.kv_budget == config.kv_cache.num_blocks * kv_bytes_per_block(CFG, 16, 4)
+    assert decode.kv_budget == config.kv_cache.num_blocks * kv_bytes_per_block(CFG, 16, "float32")
     assert plan.total == sum(r.each * r.count for r in plan.replicas) + plan.kv_store_budget
     assert plan.refusal() is None and "decode" in plan.table()
 
