@@ -154,19 +154,14 @@ class ControlAPI:
         }
 
     async def health(self) -> tuple[int, dict]:
-        snap = await self.scheduler.replica_counts.remote()
-        counts = {role: snap[role] for role in ("prefill", "decode")}
-        # colocated routing needs no prefill replica
-        ready = counts["decode"] > 0 and (
-            counts["prefill"] > 0 or snap["pd_mode"] != "disaggregated"
-        )
+        r = await self.scheduler.readiness.remote()
         body = {
-            "status": "ok" if ready else "starting",
-            "replicas": counts,
-            "pd_mode": snap["pd_mode"],
-            "in_flight": snap["in_flight"],
+            "status": "ok" if r["ready"] else "starting",
+            "replicas": r["replicas"],
+            "pd_mode": r["pd_mode"],
+            "in_flight": r["in_flight"],
         }
-        return (200 if ready else 503), body
+        return (200 if r["ready"] else 503), body
 
     async def push_metrics(self) -> None:
         await self.scheduler.push_metrics_text.remote(self.replica_id, self.frontend.exposition())

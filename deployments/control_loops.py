@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from policies.control import (
     PRESSURE_LOW,
@@ -24,17 +24,33 @@ from policies.control import (
     slow_decision,
     window_for,
 )
+from policies.routing import ReplicaState
+from policies.run_context import RunContext
+from policies.runtime import RuntimePolicy
 from serving.config import ControlSettings
 from serving.messages import Role
-
-if TYPE_CHECKING:
-    from deployments.scheduler import SchedulerActor
+from serving.metrics import SchedulerMetrics
 
 logger = logging.getLogger(__name__)
 
 
+class ControlledScheduler(Protocol):
+    """What the loops observe and change: the scheduler actor's state
+    (`deployments.scheduler.SchedulerActor`, which owns the loops; named here by shape so
+    the two modules do not import each other)."""
+
+    replicas: dict[Role, dict[str, ReplicaState]]
+    policy: RuntimePolicy
+    run_context: RunContext | None
+    metrics: SchedulerMetrics
+
+    async def set_policy(self, changes: dict) -> RuntimePolicy: ...
+
+    def publish_quality_estimate(self) -> None: ...
+
+
 class ControlLoops:
-    def __init__(self, scheduler: SchedulerActor, settings: ControlSettings):
+    def __init__(self, scheduler: ControlledScheduler, settings: ControlSettings):
         self.scheduler = scheduler
         self.settings = settings
         self.state = ControlState()
@@ -49,7 +65,7 @@ class ControlLoops:
         """Start the loops on the actor's event loop (called from its first async call)."""
         if self._tasks or not self.settings.enabled:
             return
-        self.scheduler._publish_quality_estimate()  # the profile set at start
+        self.scheduler.publish_quality_estimate()  # the profile set at start
         s = self.settings
         for name, period, tick in (
             ("fast", s.fast_period_s, self._fast),

@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncGenerator
 
 from ray import serve
+from ray.exceptions import RayError
 
 from deployments.engine_replica import EngineReplica
 from deployments.subscribers import CHECK_PERIOD_S, subscriber_alive
@@ -39,6 +40,7 @@ class DecodeServer(EngineReplica):
         await self._start_engine(config)
         self.stream_interval = self.config.scheduling.stream_interval
         self.num_imported = 0
+        self.num_resumed = 0  # streams resumed here after their decode replica died
         self._watch_task = asyncio.create_task(self._watch_subscribers())
 
     async def _watch_subscribers(self) -> None:
@@ -111,11 +113,23 @@ class DecodeServer(EngineReplica):
         if replica_id is not None and replica_id != self.replica_id:
             return f"request for decode replica {replica_id} reached {self.replica_id}"
         seq = Sequence(req.req_id, list(req.prompt_token_ids), req.params)
-        if req.kv_key is not None and req.first_token_id is not None:
+        if req.resume_token_ids:  # its decode replica died: go on after what was streamed
+            seq.output_token_ids = list(req.resume_token_ids)
+            # the stored prompt KV (a prefill replica's, an earlier turn's) as a prefix
+            seq.kv_import = await self._cached_prefix(seq.token_ids(0, seq.num_tokens))
+            if req.store_turn and self.config.kv_cache.prefix_reuse:
+                seq.export_kv_at_finish = True
+                self._storing[req.req_id] = seq
+            self.num_resumed += 1
+            self._streamed.add(req.req_id)  # the client has its first token
+        elif req.kv_key is not None and req.first_token_id is not None:
             stored = await self.kv_store.get.remote(req.kv_key, self.replica_id)
             if stored is None:
                 return f"KV {req.kv_key} is not in the kv_store"
-            seq.kv_import = await self._read_stored(stored)
+            try:
+                seq.kv_import = await self._read_stored(stored)
+            except RayError as e:  # the prefill replica died since: the ingress resumes
+                return f"KV {req.kv_key} is unreadable: {type(e).__name__}"
             seq.output_token_ids = [req.first_token_id]
             self.num_imported += 1
             self._streamed.add(req.req_id)  # the ingress has the first token already
@@ -202,6 +216,7 @@ class DecodeServer(EngineReplica):
         return await super().stats() | {
             "num_imported": self.num_imported,
             "num_local_prefills": self.num_local_prefills,
+            "num_resumed": self.num_resumed,
             "num_reused_tokens": self.num_reused_tokens,
             "spec_decode": self.spec.snapshot() if self.spec is not None else None,
         }

@@ -8,7 +8,7 @@ import logging
 
 from ray.serve.handle import DeploymentHandle
 
-from serving.messages import TokenDelta
+from serving.messages import REPLICA_LOST, TokenDelta
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +51,18 @@ class DecodeMux:
         except Exception as e:  # replica died or was removed
             reason = f"decode replica {replica_id} failed: {type(e).__name__}"
             logger.warning("%s", reason)
+        if self._on_replica_lost is not None:  # first: its requests must not route back
+            try:
+                await self._on_replica_lost(replica_id)
+            except Exception:  # the scheduler restarting: its reports will age out
+                logger.warning("could not report replica %s lost", replica_id, exc_info=True)
         self._attached[replica_id].set()
         self._fail_replica(replica_id, reason)
-        if self._on_replica_lost is not None:
-            await self._on_replica_lost(replica_id)
 
     def _fail_replica(self, replica_id: str, reason: str) -> None:
+        """Ends the streams of `replica_id` with `REPLICA_LOST`: their requests resume
+        elsewhere (`deployments/resumable_stream.py`)."""
         for req_id, rid in list(self._replica_of.items()):
             if rid == replica_id:
-                self._queues[req_id].put_nowait(TokenDelta(req_id, [], True, "error", reason))
+                lost = TokenDelta(req_id, [], True, REPLICA_LOST, reason)
+                self._queues[req_id].put_nowait(lost)

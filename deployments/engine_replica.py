@@ -10,6 +10,7 @@ import os
 import ray
 import torch
 from ray import serve
+from ray.exceptions import RayError
 
 from deployments.kv_store import kv_store_actor
 from deployments.loopback import keep_replica_grpc_on_loopback
@@ -169,8 +170,13 @@ class EngineReplica:
         )
         if stored is None:
             return None
+        try:
+            payload = await self._read_stored(stored)
+        except RayError as e:  # its producer died meanwhile (the store is told): a miss
+            logger.warning("stored prefix unreadable, computing it: %s", type(e).__name__)
+            return None
         self.num_reused_tokens += stored.num_tokens
-        return await self._read_stored(stored)
+        return payload
 
     def _apply_policy(self, policy: RuntimePolicy) -> None:
         """A new run-time policy arrived with a report answer; roles extend what they use."""

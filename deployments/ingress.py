@@ -26,6 +26,7 @@ from deployments.decode_mux import DecodeMux
 from deployments.direct_http import DirectHTTP
 from deployments.kv_store import kv_store_actor
 from deployments.loopback import keep_replica_grpc_on_loopback
+from deployments.resumable_stream import ResumableStream
 from deployments.scheduler import scheduler_actor
 from deployments.sessions import conversation_start, session_id
 from deployments.subscribers import subscriber_name
@@ -145,16 +146,16 @@ class Ingress:
         """200 when requests can be served: the scheduler and the KV store answer, and the
         replicas a request needs are up; else 503 saying what is missing."""
         try:
-            counts, _ = await asyncio.wait_for(
-                asyncio.gather(self.scheduler.replica_counts.remote(), self.kv_store.ping.remote()),
+            readiness, _ = await asyncio.wait_for(
+                asyncio.gather(self.scheduler.readiness.remote(), self.kv_store.ping.remote()),
                 HEALTH_TIMEOUT_S,
-            )  # replica_counts, not a snapshot: no copy of up to 1000 sessions
+            )
         except (RayError, TimeoutError) as e:  # restarting (actors.get_or_create) or gone
             reason = f"scheduler or kv_store not answering: {type(e).__name__}"
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
-        # no prefill replica is configured where one engine serves the node (pd_mode auto)
-        if not counts["decode"] or (self.config.has_prefill_replicas and not counts["prefill"]):
-            return JSONResponse({"status": "starting", "replicas": counts}, status_code=503)
+        if not readiness["ready"]:
+            body = {"status": "starting", "replicas": readiness["replicas"]}
+            return JSONResponse(body, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
@@ -252,8 +253,12 @@ class Ingress:
         return await asyncio.get_running_loop().run_in_executor(self.preparer, fn, *args)
 
     async def _generate(self, p: Prepared, started: float) -> AsyncIterator[TokenDelta]:
-        """Routes, prefills and decodes one request; yields its token deltas."""
+        """Routes, prefills and decodes one request; yields its token deltas. A decode
+        replica dying under the request does not end it: `ResumableStream` resumes it on
+        another (or the restarted) replica."""
         plan: RoutePlan | None = None
+        stream: ResumableStream | None = None
+        deltas: AsyncIterator[TokenDelta] | None = None
         finished = False
         kv_key = None
         failed = False  # a server-side failure: counts against the error rate (fallback)
@@ -262,25 +267,29 @@ class Ingress:
             if plan is None:
                 raise Unavailable("no decode replica is ready yet; retry shortly")
             deadline = started + (self.config.scheduling.request_timeout_s or float("inf"))
+            first: TokenDelta | None = None
             if plan.prefill_replica is not None:
-                first, kv_key = await self._within(
-                    self._prefill(p, plan.prefill_replica, plan.prefill_threads), deadline
-                )
-                if first.finished:
+                try:
+                    first, kv_key = await self._within(
+                        self._prefill(p, plan.prefill_replica, plan.prefill_threads), deadline
+                    )
+                except RayError:  # the prefill replica died: the decode replica prefills
+                    logger.warning("prefill replica %s failed", plan.prefill_replica)
+                    self.scheduler.forget.remote(plan.prefill_replica)
+                if first is not None and first.finished:
                     finished = True
                     yield first
                     return
-                queue = await self._start_decode(p, plan, first.token_ids[0], kv_key)
-            else:  # colocated: the decode replica prefills, its first delta is the TTFT
-                queue = await self._start_decode(p, plan, None, None)
-                first = await self._within(queue.get(), deadline)
+            stream = self._decode_stream(p, plan, first, kv_key, deadline)
+            deltas = aiter(stream)
+            if first is None:  # the decode replica prefills: its first delta is the TTFT
+                first = await anext(deltas)
                 if first.error is not None:
                     raise Unavailable(f"decode failed: {first.error}")
             self.metrics.ttft.observe(time.perf_counter() - started)
             finished = first.finished
             yield first
-            while not finished:
-                delta = await self._within(queue.get(), deadline)
+            async for delta in deltas:
                 finished = delta.finished
                 failed = failed or delta.error is not None
                 yield delta
@@ -291,10 +300,46 @@ class Ingress:
             failed = failed or is_server_fault(e)
             raise
         finally:
+            if deltas is not None:
+                await deltas.aclose()
             self._done()
             self.mux.close(p.req_id)
             if plan is not None:
-                self._clean_up(p.req_id, plan, kv_key, aborted=not finished, failed=failed)
+                decode_replica = stream.replica if stream is not None else plan.decode_replica
+                self._clean_up(p.req_id, decode_replica, kv_key, not finished, failed)
+
+    def _decode_stream(
+        self,
+        p: Prepared,
+        plan: RoutePlan,
+        first: TokenDelta | None,
+        kv_key: str | None,
+        deadline: float,
+    ) -> ResumableStream:
+        """Decode after the prefill replica's `first` token and KV, or (both None) decode
+        with the decode replica prefilling."""
+        request = DecodeRequest(
+            p.req_id,
+            p.prompt_ids,
+            first.token_ids[0] if first is not None else None,
+            p.params,
+            kv_key,
+            self.subscriber_id,
+            store_turn=hasattr(p.request, "messages"),
+        )
+        scheduling = self.config.scheduling
+        return ResumableStream(
+            request,
+            plan.decode_replica,
+            self.mux,
+            self.decode,
+            self.scheduler,
+            lambda awaitable: self._within(awaitable, deadline),
+            p.session_id,
+            scheduling.failover_wait_s,
+            scheduling.failover_max_resumes,
+            self.metrics.stream_resumes.inc,
+        )
 
     async def _within(self, awaitable, deadline: float):
         """`await awaitable`, or a clean 503 `request_timeout` once `deadline` has passed."""
@@ -308,7 +353,7 @@ class Ingress:
             ) from None
 
     def _clean_up(
-        self, req_id: str, plan: RoutePlan, kv_key: str | None, aborted: bool, failed: bool
+        self, req_id: str, decode_replica: str, kv_key: str | None, aborted: bool, failed: bool
     ) -> None:
         """Tell the scheduler (and, for a request that ended early, decode and the store).
 
@@ -321,7 +366,7 @@ class Ingress:
         async def send() -> None:
             self.scheduler.finished.remote(req_id, failed)
             if aborted:
-                await self.decode.abort.remote(req_id, replica_id=plan.decode_replica)
+                await self.decode.abort.remote(req_id, replica_id=decode_replica)
                 if kv_key is not None:  # nobody will resume it: free the blocks now
                     await self.kv_store.drop.remote(kv_key)
 
@@ -340,24 +385,6 @@ class Ingress:
             raise Unavailable(f"prefill failed: {result.error}")
         first = TokenDelta(p.req_id, [result.first_token_id], result.finished, result.finish_reason)
         return first, result.kv_key
-
-    async def _start_decode(
-        self, p: Prepared, plan: RoutePlan, first_token: int | None, kv_key: str | None
-    ) -> asyncio.Queue[TokenDelta]:
-        queue = await self.mux.open(p.req_id, plan.decode_replica)
-        request = DecodeRequest(
-            p.req_id,
-            p.prompt_ids,
-            first_token,
-            p.params,
-            kv_key,
-            self.subscriber_id,
-            store_turn=hasattr(p.request, "messages"),
-        )
-        error = await self.decode.submit.remote(request, replica_id=plan.decode_replica)
-        if error is not None:
-            raise Unavailable(f"decode could not start: {error}")
-        return queue
 
     async def _run(self, p: Prepared, first: TokenDelta, events: AsyncIterator[TokenDelta]):
         """Shared by streaming and non-streaming: yields (text, finish_reason, usage)."""

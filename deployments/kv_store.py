@@ -54,6 +54,9 @@ class KVStoreActor:
     async def drop(self, key: str) -> bool:
         return await self.store.drop(key)
 
+    async def drop_producer(self, producer: str) -> int:
+        return await self.store.drop_producer(producer)
+
     async def promote(self, key: str) -> bool:
         return await self.store.promote(key)
 

@@ -17,7 +17,7 @@ from deployments.actors import SCHEDULER_NAME, get_or_create
 from deployments.control_loops import ControlLoops
 from deployments.kv_store import kv_store_actor
 from policies.control import PROFILE_DELTA_PPL_PCT
-from policies.routing import ReplicaState, is_alive, route
+from policies.routing import ReplicaState, choose_decode, is_alive, route
 from policies.run_context import RunContext
 from policies.runtime import RuntimePolicy
 from serving.config import InferosConfig
@@ -46,6 +46,8 @@ class SchedulerActor:
         )
         self.node_cpus = os.cpu_count() or 1  # NOTE: assumes prefill and decode share a node
         self.max_model_len = cfg.model.max_model_len
+        # where one engine serves the node (pd_mode auto on CPU) no prefill replica starts
+        self.has_prefill_replicas = cfg.has_prefill_replicas
         self.run_context: RunContext | None = None
         self.num_routed = 0
         # session id → decode replica of its last turn (insertion order = age)
@@ -115,6 +117,32 @@ class SchedulerActor:
             prefill_threads=self.node_cpus if prefill is not None and decode_idle else None,
         )
 
+    async def reroute(
+        self, req_id: str, session_id: str | None, lost_replica: str | None
+    ) -> RoutePlan | None:
+        """A decode replica for a request to resume on, as its decode replica died
+        (`lost_replica`, never chosen) or refused it (None: any); None while none is up
+        (Serve is restarting it). The replica prefills the prompt and the tokens already
+        generated itself: no prefill replica is involved."""
+        if lost_replica is not None:
+            await self.forget(lost_replica)  # the caller saw it die; its report may be fresh
+        alive = self._alive(Role.DECODE)
+        chosen = choose_decode(alive, None)
+        if chosen is None:
+            return None
+        decode = chosen[0]
+        await self.prefill_done(req_id)
+        _, before = self.assignments.pop(req_id, (None, ""))
+        if before in self.replicas[Role.DECODE]:
+            self.replicas[Role.DECODE][before].num_assigned -= 1
+        alive[decode].num_assigned += 1
+        self.assignments[req_id] = (None, decode)
+        if session_id:  # the conversation's KV is on the new replica from now on
+            self.sessions.pop(session_id, None)
+            self.sessions[session_id] = decode
+        self.metrics.decision("decode_failover")
+        return RoutePlan(req_id=req_id, prefill_replica=None, decode_replica=decode)
+
     async def set_pd_mode(self, mode: str) -> None:
         """Switch between disaggregated, colocated and auto routing without a restart."""
         await self.set_policy({"pd_mode": mode})
@@ -124,31 +152,31 @@ class SchedulerActor:
         before = self.policy.kv_profile
         self.policy = self.policy.updated(changes)
         logger.info("policy changed: %s -> %s", changes, self.policy.model_dump())
-        self._publish_quality_estimate()
+        self.publish_quality_estimate()
         if self.policy.kv_profile != before:
             self._push_kv_profile()
         return self.policy
 
     def _push_kv_profile(self) -> None:
         """The store demotes by the current profile; the scheduler pushes it down (the
-        store never asks: calls flow one way)."""
+        store never asks: calls flow one way). A store restarting starts on the configured
+        profile."""
+        self._push_to_store("set_profile", self.policy.kv_profile)
+
+    def _push_to_store(self, method: str, *args: object) -> None:
+        """Fire-and-forget `kv_store.<method>(*args)`."""
         if not ray.is_initialized():  # a plain object in unit tests: don't start Ray
             return
         try:
-            kv_store_actor(self.config_dict).set_profile.remote(self.policy.kv_profile)
-        except Exception:  # the store restarting: it starts on the configured profile
-            logger.warning("could not push the KV profile to the kv_store", exc_info=True)
+            getattr(kv_store_actor(self.config_dict), method).remote(*args)
+        except Exception:  # the store restarting: it starts empty, on the configured profile
+            logger.warning("could not call kv_store.%s", method, exc_info=True)
 
-    def _publish_quality_estimate(self) -> None:
+    def publish_quality_estimate(self) -> None:
         """The active profile's measured ΔPPL, as `inferos:kv_delta_ppl_estimate` (relative,
         0.01 = +1 %) on the store, which exports the other KV-level metrics."""
         estimate = PROFILE_DELTA_PPL_PCT.get(self.policy.kv_profile, 0.0) / 100
-        if not ray.is_initialized():  # a plain object in unit tests: don't start Ray
-            return
-        try:
-            kv_store_actor(self.config_dict).set_delta_ppl_estimate.remote(estimate)
-        except Exception:  # no Ray (unit tests) or the store restarting: metrics only
-            logger.debug("could not publish the ΔPPL estimate", exc_info=True)
+        self._push_to_store("set_delta_ppl_estimate", estimate)
 
     async def get_policy(self) -> RuntimePolicy:
         return self.policy
@@ -184,16 +212,24 @@ class SchedulerActor:
             self.replicas[Role.DECODE][decode].num_assigned -= 1
 
     async def forget(self, replica_id: str) -> None:
-        """A caller saw this replica die: stop routing to it until it reports again."""
+        """A caller saw this replica die: stop routing to it until it reports again, and
+        have the store forget the KV it put (its objects died with it)."""
         if any(replica_id in pool for pool in self.replicas.values()):
             self.control.replica_lost(replica_id)
+            self._push_to_store("drop_producer", replica_id)
         for pool in self.replicas.values():
             pool.pop(replica_id, None)
         self.metrics_texts_by_replica.pop(replica_id, None)
 
-    async def replica_counts(self) -> dict:
-        """What /health needs, and no more (a snapshot copies up to 1000 sessions)."""
-        return {role.value: len(pool) for role, pool in self.replicas.items()} | {
+    async def readiness(self) -> dict:
+        """What /health (ingress) and /v1/health (control API) answer from, and no more (a
+        snapshot copies up to 1000 sessions): `ready` once a decode replica is up and, if
+        the config starts prefill replicas, one of those too (the app is fully up)."""
+        counts = {role.value: len(pool) for role, pool in self.replicas.items()}
+        ready = counts["decode"] > 0 and (counts["prefill"] > 0 or not self.has_prefill_replicas)
+        return {
+            "ready": ready,
+            "replicas": counts,
             "pd_mode": self.pd_mode,
             "in_flight": len(self.assignments),
         }

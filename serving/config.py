@@ -31,7 +31,9 @@ class ModelSettings(_Strict):
     path: str | None = Field(
         None,
         description="Local HF folder of a Llama, Mistral, Qwen2/3, GPT-NeoX, GPT-J or BLOOM "
-        "model; None = the default model",
+        "model, or a llama.cpp .gguf file (Llama, Mistral, Qwen2/3, BLOOM: what transformers' "
+        "GGUF reader takes; converted into the model cache once); "
+        "None = the default model",
     )
     served_model_name: str | None = Field(
         None, description="Name in /v1/models; default: folder name"
@@ -153,6 +155,18 @@ class SchedulingSettings(_Strict):
         gt=0,
         description="a request still running after this long ends with a 503 "
         "'request_timeout' error (its sequence is aborted, nothing else is affected)",
+    )
+    failover_wait_s: float = Field(
+        120.0,
+        ge=0,
+        description="a stream whose decode replica died waits this long for another (or the "
+        "restarted) decode replica, then resumes there after the tokens already sent; "
+        "0: no failover, the stream ends with a 503",
+    )
+    failover_max_resumes: NonNegativeInt = Field(
+        2,
+        description="resumes of one stream at most, so a request that kills every replica "
+        "it reaches cannot take them all down one after the other",
     )
 
 

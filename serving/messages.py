@@ -51,6 +51,15 @@ class DecodeRequest:
     # a chat turn: the decode replica that prefilled it stores its KV (prompt and answer)
     # when it finishes, for the next turn, which repeats both
     store_turn: bool = False
+    # A stream resumed after its decode replica died: the tokens the client has already
+    # received. The new replica prefills prompt + these (the stored prefix reused) and
+    # continues after them, so the client sees one uninterrupted stream.
+    resume_token_ids: list[int] = field(default_factory=list)
+
+
+# `TokenDelta.finish_reason` of the deltas that end a stream because its decode replica
+# died (never sent to a client: the ingress resumes the stream elsewhere)
+REPLICA_LOST = "replica_lost"
 
 
 @dataclass(frozen=True, slots=True)

@@ -107,6 +107,10 @@ class FrontendMetrics(_Instruments):
         self.in_flight = self._gauge(
             "ingress_requests_in_flight", "Requests admitted by the ingress."
         ).labels(**lb)
+        self.stream_resumes = self._counter(
+            "stream_resumes",
+            "Streams resumed on another decode replica after theirs died.",
+        ).labels(**lb)
 
     def success(self, finished_reason: str) -> None:
         self._success.labels(**self.labels, finished_reason=finished_reason).inc()

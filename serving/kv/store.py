@@ -191,6 +191,19 @@ class KVStore:
             self._update_gauges()
             return found
 
+    async def drop_producer(self, producer: str) -> int:
+        """Forget every entry `producer` put, as it has died: Ray's objects die with the
+        process that put them, so its entries could only fail their readers. Returns how
+        many were dropped."""
+        async with self._lock:
+            keys = [k for k, e in self.entries.items() if e.producer == producer]
+            for key in keys:
+                self._drop(key)
+            if keys:
+                logger.info("kv_store: dropped %d entries of lost %s", len(keys), producer)
+            self._update_gauges()
+            return len(keys)
+
     async def promote(self, key: str) -> bool:
         """Every demoted unit of `key` back to L0 from its spilled original: bit-exact."""
         async with self._serving(key):

@@ -6,6 +6,8 @@ KV (their answers included)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 import torch
@@ -13,6 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.models.pull import ensure_default_model
 from tests.integration.conftest import MODEL
+from tests.integration.failover_util import (
+    kill_replica_of,
+    run_streams,
+    seconds_until_a_request_succeeds,
+)
+from tests.integration.metrics_util import total
 
 pytestmark = pytest.mark.integration
 
@@ -20,6 +28,9 @@ pytestmark = pytest.mark.integration
 DEFAULTS = {"scheduling": {"pd_mode": "auto"}, "speculation": {"enabled": True}}
 STORY = "Tell me a long story about a dragon who learns to read."
 NUM_TOKENS = 32
+KILLED_STREAM_TOKENS = 96
+# a new request right after the kill waits for Serve's new replica: measured ~15 s here
+RECOVERY_BOUND_S = 90.0
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +104,31 @@ def test_turns_equal_transformers_and_reuse_the_earlier_turns(apps, hf) -> None:
             {"role": "assistant", "content": text},
             {"role": "user", "content": "Go on with the story."},
         ]
+
+
+def test_a_killed_engine_replica_loses_no_stream(apps) -> None:
+    """The node's one engine replica killed under four streams: each waits for Serve to
+    start a new replica and resumes there after the tokens it had sent; the client sees the
+    text it sees without the kill (greedy, fp32, speculation on). Runs last in this module:
+    the replica it kills is a new one afterwards."""
+    app = apps.get(DEFAULTS)
+    prompts = {
+        f"engine-kill-{i}": f"Write a long list of facts about the number {i}." for i in range(4)
+    }
+    reference = run_streams(app, prompts, KILLED_STREAM_TOKENS)
+    recovery: list[float] = []
+
+    def kill() -> None:  # and a new request at once, while the streams resume
+        kill_replica_of(app, "engine-kill-0")
+        killed = time.perf_counter()
+        recovery.append(seconds_until_a_request_succeeds(app, killed, RECOVERY_BOUND_S))
+
+    results = run_streams(app, prompts, KILLED_STREAM_TOKENS, kill)
+    for session, result in results.items():
+        assert result.error is None, (session, result.error)
+        assert result.finish_reason == "length", session
+        assert result.text == reference[session].text, session
+    assert total(app.metrics_text(), "inferos:stream_resumes_total") >= len(prompts)
+    stats = app.deployment("decode").stats.remote().result()
+    assert stats["num_resumed"] == len(prompts)  # the new replica resumed every stream
+    print(f"a new request succeeded {recovery[0]:.1f} s after the kill")

@@ -79,11 +79,13 @@ def blocks(seed: int, n: int = BLOCKS) -> list[torch.Tensor]:
     return [torch.randn(LAYOUT.block_shape(), generator=g) for _ in range(n)]
 
 
-def put(store: KVStore, key: str, seed: int, token_ids: list[int] | None = None) -> None:
+def put(
+    store: KVStore, key: str, seed: int, token_ids: list[int] | None = None, producer: str = "p"
+) -> None:
     data = blocks(seed, len(token_ids) // BS if token_ids else BLOCKS)
     refs = [store.objects.put(b) for b in data]
     payload = KVPayload(LAYOUT, len(refs) * BS, refs)
-    run(store.put(key, payload, "p", token_ids if token_ids is not None else tokens(seed)))
+    run(store.put(key, payload, producer, token_ids if token_ids is not None else tokens(seed)))
     store.clock.tick()
 
 
@@ -162,6 +164,18 @@ def test_the_prefix_index_never_points_at_a_dropped_entry(tmp_path) -> None:
     assert "s11" not in store.index.keys()
     assert_consistent(store)
     run(store.close())
+
+
+def test_a_lost_producers_entries_are_dropped_and_no_prefix_finds_them(store) -> None:
+    """Ray's objects die with the process that put them: a dead replica's entries could
+    only fail their readers."""
+    put(store, "dead-1", 1, producer="decode-a")
+    put(store, "alive", 2, producer="decode-b")
+    assert run(store.drop_producer("decode-a")) == 1
+    assert run(store.match_prefix(tokens(1) + [1], BS, "d")) is None
+    assert run(store.match_prefix(tokens(2) + [1], BS, "d")) is not None
+    assert run(store.drop_producer("decode-a")) == 0
+    assert_consistent(store)
 
 
 def test_a_prefix_two_entries_share_survives_dropping_one(store) -> None:

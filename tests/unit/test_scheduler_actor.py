@@ -86,3 +86,18 @@ def test_a_lost_replica_makes_the_app_fall_back_to_baseline_and_say_so() -> None
     assert "inferos:policy_fallbacks_total" in text
     active = 'inferos:policy_fallback_active{model="default",replica="0",role="scheduler"} 1.0'
     assert active in text
+
+
+def test_readiness_waits_for_the_replicas_the_config_starts() -> None:
+    """One answer for /health and /v1/health: a decode replica, plus a prefill replica
+    where the config starts one (not where one engine serves the node)."""
+    for prefill_replicas, has_prefill in ((1, True), (0, False)):
+        config = InferosConfig.model_validate({"prefill": {"num_replicas": prefill_replicas}})
+        assert config.has_prefill_replicas is has_prefill
+        sched = SchedulerActor(config.model_dump())
+        assert not asyncio.run(sched.readiness())["ready"]
+        asyncio.run(sched.report(ReplicaLoad(Role.DECODE, "d1", 0, 0, 0.0, 0.0)))
+        assert asyncio.run(sched.readiness())["ready"] is not has_prefill
+        asyncio.run(sched.report(ReplicaLoad(Role.PREFILL, "p1", 0, 0, 0.0, 0.0)))
+        ready = asyncio.run(sched.readiness())
+        assert ready["ready"] and ready["replicas"] == {"prefill": 1, "decode": 1}
