@@ -16,7 +16,9 @@ from serving.env import admin_token, api_key
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with InferosConfig fields")
     p.add_argument(
-        "--model", help="local HF folder of a supported model (default: SmolLM2-135M-Instruct)"
+        "--model",
+        help="local HF folder or llama.cpp .gguf file of a supported model (default: "
+        "SmolLM2-135M-Instruct); a GGUF is converted into the model cache on first use",
     )
     p.add_argument("--served-model-name")
     p.add_argument("--host")
@@ -70,7 +72,9 @@ def build_config(args: argparse.Namespace) -> InferosConfig:
     cfg = InferosConfig.from_yaml(args.config) if args.config else InferosConfig()
     data = cfg.model_dump()
     overrides = {
-        ("model", "path"): args.model,
+        # a GGUF's absolute path: Ray workers do not share the driver's working directory
+        ("model", "path"): args.model
+        and (str(Path(args.model).resolve()) if args.model.endswith(".gguf") else args.model),
         ("model", "served_model_name"): args.served_model_name,
         ("model", "dtype"): args.dtype,
         ("model", "max_model_len"): args.max_model_len,
@@ -95,6 +99,13 @@ def build_config(args: argparse.Namespace) -> InferosConfig:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = build_config(args)
+    from serving.models.hf_folder import resolve_model_path
+
+    try:  # before anything starts: a missing or unsupported model is the user's to fix
+        resolve_model_path(config.model.path)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"inferos serve: {exc}", file=sys.stderr)
+        return 1
     if args.dry_run:
         return dry_run(config)
     from deployments.launch import run_app, shutdown
@@ -158,6 +169,13 @@ def cmd_eval_ppl(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from serving.chat_cli import run
+
+    logging.getLogger().setLevel(logging.WARNING)  # the terminal is the chat's
+    return run(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="inferos", description="Infer-OS Serve")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +188,12 @@ def make_parser() -> argparse.ArgumentParser:
     bench_p = sub.add_parser("bench", help="load-test any OpenAI-compatible endpoint")
     add_arguments(bench_p)
     bench_p.set_defaults(func=cmd_bench)
+
+    from serving.chat_cli import add_arguments as add_chat_arguments
+
+    chat_p = sub.add_parser("chat", help="chat with a running server in the terminal")
+    add_chat_arguments(chat_p)
+    chat_p.set_defaults(func=cmd_chat)
 
     models_p = sub.add_parser("models", help="manage local models")
     models_sub = models_p.add_subparsers(dest="models_command", required=True)
