@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 # sampled on every IMPORTANCE_EVERY-th one (one extra QK^T on one layer).
 REBALANCE_EVERY = 16
 IMPORTANCE_EVERY = 4
+# Prompt logprobs: positions whose logits are computed at once ([rows, vocab] fp32).
+PROMPT_LOGPROBS_ROWS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +214,11 @@ class LLMEngine:
         raw = raw_logprobs(logits[want]) if want else None
         tokens = sample(logits, seqs, self.eos_token_ids)
         logprobs: list[list[TokenLogprobs] | None] = [None] * len(seqs)
-        for k, i in enumerate(want):
-            assert raw is not None
-            logprobs[i] = pick(raw[k : k + 1], [tokens[i]], seqs[i].params.logprobs or 0)
+        if raw is not None:  # one top-k for all rows, each cut to its request's N
+            num_tops = [seqs[i].params.logprobs or 0 for i in want]
+            picked = pick(raw, [tokens[i] for i in want], max(num_tops))
+            for i, lp, n in zip(want, picked, num_tops, strict=True):
+                logprobs[i] = [replace(lp, top=lp.top[:n])]
         return tokens, logprobs
 
     def _record_prompt_logprobs(self, batch: SchedulerOutput) -> None:
@@ -235,9 +239,12 @@ class LLMEngine:
             hidden = getattr(self.runner, "last_hidden", None)
             if hidden is None or lo >= hi or len(seq.prompt_logprobs) < start:
                 continue
-            h = hidden[row_offset + lo - start : row_offset + hi - start]
-            lp = raw_logprobs(self.runner.model.compute_logits(h))
-            seq.prompt_logprobs.extend(pick(lp, seq.prompt_token_ids[lo + 1 : hi + 1], num_top))
+            # a few hundred positions at a time: a 4k-token chunk's logits would be 800 MB
+            for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
+                b = min(a + PROMPT_LOGPROBS_ROWS, hi)
+                h = hidden[row_offset + a - start : row_offset + b - start]
+                lp = raw_logprobs(self.runner.model.compute_logits(h))
+                seq.prompt_logprobs.extend(pick(lp, seq.prompt_token_ids[a + 1 : b + 1], num_top))
 
     def _finish_decode(
         self, batch: SchedulerOutput, outputs: list[StepOutput], started: float

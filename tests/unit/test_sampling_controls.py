@@ -188,7 +188,8 @@ def test_penalties_same_tokens_and_logprobs_with_speculation(tiny: Path) -> None
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
     tokens, lps = plain["p3"]
     assert [lp.token_id for lp in lps] == tokens and all(len(lp.top) == 3 for lp in lps)
-    assert len(plain["p4"][1]) == len(plain["p4"][0])
+    assert len(plain["p4"][1]) == len(plain["p4"][0])  # logprobs 0: the token's alone
+    assert all(lp.top == () for lp in plain["p4"][1])
     out = [3, 7, 5, 3, 7] and plain["p2"][0]
     assert all(out[i : i + 2] != [27, 18] for i in range(len(out))) and 23 not in out
 
@@ -204,9 +205,12 @@ def _run_unpenalized(folder: Path) -> list[int]:
     return tokens
 
 
-def test_prompt_logprobs_over_chunks_equal_transformers(tiny: Path) -> None:
+def test_prompt_logprobs_over_chunks_equal_transformers(tiny: Path, monkeypatch) -> None:
+    from serving.engine import engine as engine_module
     from serving.engine.engine import EngineConfig, LLMEngine
     from serving.models.loader import load_model
+
+    monkeypatch.setattr(engine_module, "PROMPT_LOGPROBS_ROWS", 3)  # pieces within chunks
 
     prompt = [3, 7, 5, 9, 11, 4, 6, 13, 6, 13, 8, 1]
     cfg = EngineConfig(num_blocks=64, block_size=4, max_num_batched_tokens=5, max_model_len=48)
