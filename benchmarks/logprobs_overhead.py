@@ -7,6 +7,10 @@ Starts `inferos serve` (product defaults; --serve-args to change them), then per
 concurrency runs `inferos bench` (completions, ignore_eos) once with `--extra-body
 '{"logprobs": 5}'` and once without; prints one line per run and a summary of the on/off
 ratios (median per concurrency), and writes everything to OUT/logprobs_overhead.json.
+
+On a shared, oversubscribed box wall-clock tokens/s drifts run to run; the CPU time each
+run took, per output token, drifts much less: the server's process tree (ingress, decode,
+Ray) and the bench client (which parses the bigger chunks) are reported apart.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import signal
 import statistics
@@ -22,6 +27,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import psutil
 
 BIN = Path(sys.executable).parent / "inferos"
 
@@ -37,6 +44,23 @@ def wait_healthy(url: str, timeout_s: float) -> None:
             pass
         time.sleep(2)
     raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
+
+
+def tree_cpu_s(root: psutil.Process) -> dict[int, float]:
+    """CPU seconds (user + system) so far of `root` and every descendant, by pid."""
+    out = {}
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def bench(args, url: str, c: int, logprobs: bool, out: Path) -> dict:
@@ -71,6 +95,7 @@ def main() -> int:
     cmd += shlex.split(args.serve_args)
     log = (args.out / "server.log").open("w")
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    root = psutil.Process(server.pid)
     runs: list[dict] = []
     try:
         wait_healthy(url, 900)
@@ -81,11 +106,17 @@ def main() -> int:
                 for on in (True, False) if rep % 2 == 0 else (False, True):
                     name = f"c{c}_{'on' if on else 'off'}_{rep}.json"
                     load = os.getloadavg()[0]
+                    before, client_before = tree_cpu_s(root), children_cpu_s()
                     r = bench(args, url, c, on, args.out / name)
+                    after, client_s = tree_cpu_s(root), children_cpu_s() - client_before
+                    server_s = sum(t - before.get(pid, 0.0) for pid, t in after.items())
+                    tokens = max(1, r["total_output_tokens"])
                     runs.append(
                         {"c": c, "logprobs": on, "repeat": rep, "loadavg_1m": load}
                         | {k: r[k] for k in ("output_tokens_per_s", "completed", "failed")}
                         | {"tpot_p50_ms": r["tpot_ms"].get("p50") if r["tpot_ms"] else None}
+                        | {"server_cpu_ms_per_token": 1000 * server_s / tokens}
+                        | {"client_cpu_ms_per_token": 1000 * client_s / tokens}
                     )
                     print(json.dumps(runs[-1]), flush=True)
     finally:
@@ -109,11 +140,20 @@ def main() -> int:
             )
             for x in (True, False)
         }
+        cpu = {
+            (x, who): statistics.median(
+                r[f"{who}_cpu_ms_per_token"] for r in runs if r["c"] == c and r["logprobs"] == x
+            )
+            for x in (True, False)
+            for who in ("server", "client")
+        }
         summary[f"c{c}"] = {
             "on_tok_s_median": tps[True],
             "off_tok_s_median": tps[False],
             "on_off_ratios": ratios,
             "on_off_ratio_median": statistics.median(ratios),
+            "server_cpu_ms_per_token_on_off": [cpu[True, "server"], cpu[False, "server"]],
+            "client_cpu_ms_per_token_on_off": [cpu[True, "client"], cpu[False, "client"]],
         }
     print(json.dumps(summary, indent=1))
     (args.out / "logprobs_overhead.json").write_text(
