@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 
 from ray import serve
 from ray.exceptions import RayError
@@ -14,6 +15,7 @@ from deployments.engine_replica import EngineReplica
 from deployments.subscribers import CHECK_PERIOD_S, subscriber_alive
 from policies.runtime import RuntimePolicy
 from serving.engine.engine import LLMEngine, StepOutput
+from serving.engine.logprobs import TokenLogprobs
 from serving.engine.sequence import Sequence
 from serving.messages import DecodeRequest, ReplicaLoad, Role, TokenDelta
 from serving.spec.decode_step import SpecDecodeStep
@@ -33,6 +35,7 @@ class DecodeServer(EngineReplica):
         self._subscriber_of: dict[str, str] = {}  # req_id → ingress replica id
         self._open_streams: dict[str, int] = {}  # ingress replica id → its open streams
         self._held: dict[str, list[int]] = {}  # tokens not streamed yet (stream_interval)
+        self._held_logprobs: dict[str, list[TokenLogprobs]] = {}  # theirs, where asked for
         self._streamed: set[str] = set()  # requests whose first token went out
         self.num_local_prefills = 0
         self._storing: dict[str, Sequence] = {}  # local prefills whose turn goes to the store
@@ -91,6 +94,8 @@ class DecodeServer(EngineReplica):
                 continue
             held = self._held.setdefault(out.req_id, [])
             held.extend(out.new_token_ids)
+            if out.logprobs is not None:
+                self._held_logprobs.setdefault(out.req_id, []).extend(out.logprobs)
             # a request's first token always goes out at once: it is the TTFT
             first = out.req_id not in self._streamed
             if not (first or out.finished or len(held) >= self.stream_interval):
@@ -101,12 +106,21 @@ class DecodeServer(EngineReplica):
                 del self._subscriber_of[out.req_id]
                 self._streamed.discard(out.req_id)
             delta = TokenDelta(out.req_id, held, out.finished, out.finish_reason, out.error)
+            delta = self._with_logprobs(delta, out)
             if storing:  # the turn ends for the client once its KV is in the store
                 self._store_turn(out, subscriber, delta)
                 continue
             by_subscriber.setdefault(subscriber, []).append(delta)
         for subscriber, deltas in by_subscriber.items():
             self._queue(subscriber).put_nowait(deltas)
+
+    def _with_logprobs(self, delta: TokenDelta, out: StepOutput) -> TokenDelta:
+        """`delta` with the logprobs of its tokens (held with them) and, on a request's
+        first, of its prompt, where the request asked for them."""
+        logprobs = self._held_logprobs.pop(out.req_id, None)
+        if logprobs is None and out.prompt_logprobs is None:
+            return delta
+        return replace(delta, logprobs=logprobs, prompt_logprobs=out.prompt_logprobs)
 
     async def submit(self, req: DecodeRequest, replica_id: str | None = None) -> str | None:
         """Start decoding `req`; returns an error message instead of raising."""
@@ -173,6 +187,7 @@ class DecodeServer(EngineReplica):
         self._storing.pop(req_id, None)
         self._subscriber_of.pop(req_id, None)
         self._held.pop(req_id, None)
+        self._held_logprobs.pop(req_id, None)
         self._streamed.discard(req_id)
         self.thread.abort(req_id)
 
@@ -208,6 +223,7 @@ class DecodeServer(EngineReplica):
             self._storing.pop(req_id, None)
             self._subscriber_of.pop(req_id, None)
             self._held.pop(req_id, None)
+            self._held_logprobs.pop(req_id, None)
             self._streamed.discard(req_id)
             self.thread.abort(req_id)
         self._queues.pop(subscriber_id, None)

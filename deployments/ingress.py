@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import TypeVar
 
@@ -47,7 +48,7 @@ from serving.api.responses import SSE_DONE, Usage, sse_error
 from serving.api.tokenize import detokenize, tokenize
 from serving.config import InferosConfig
 from serving.logging_setup import configure_logging
-from serving.messages import DecodeRequest, PrefillRequest, RoutePlan, TokenDelta
+from serving.messages import DecodeRequest, PrefillRequest, PrefillResult, RoutePlan, TokenDelta
 from serving.metrics import FrontendMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
 
@@ -384,11 +385,14 @@ class Ingress:
         if result.error is not None:
             raise Unavailable(f"prefill failed: {result.error}")
         first = TokenDelta(p.req_id, [result.first_token_id], result.finished, result.finish_reason)
+        first = self._with_prefill_logprobs(first, result)
         return first, result.kv_key
 
     async def _run(self, p: Prepared, first: TokenDelta, events: AsyncIterator[TokenDelta]):
         """Shared by streaming and non-streaming: yields (text, finish_reason, usage)."""
-        detok = IncrementalDetokenizer(self.tokenizer, p.prompt_ids, p.params.stop)
+        detok = IncrementalDetokenizer(
+            self.tokenizer, p.prompt_ids, p.params.stop, p.params.include_stop_str_in_output
+        )
         usage = Usage(prompt_tokens=len(p.prompt_ids))
         self.metrics.prompt_tokens.inc(usage.prompt_tokens)
         last = time.perf_counter()
@@ -405,6 +409,7 @@ class Ingress:
                     self.metrics.itl.observe(gap)
             last = now
             text = detok.add(delta.token_ids)
+            text = self._add_logprobs_and_echo(p, delta, text, delta is first)
             if detok.stopped:
                 yield text, "stop", usage
                 return
@@ -426,7 +431,7 @@ class Ingress:
             await events.aclose()
         self.metrics.success(reason or "stop")
         self.metrics.e2e.observe(time.perf_counter() - started)
-        return p.builder.full("".join(parts), reason, usage)
+        return p.builder.full("".join(parts), reason, usage, self._take_logprobs(p))
 
     async def _sse(
         self, p: Prepared, first: TokenDelta, events, started: float
@@ -439,9 +444,9 @@ class Ingress:
             async for text, reason, step_usage in self._run(p, first, events):
                 usage = step_usage
                 if text:
-                    yield b.chunk(text)
+                    yield b.chunk(text, logprobs=self._take_logprobs(p))
                 if reason is not None:
-                    yield b.chunk(None if b.chat else "", finish_reason=reason)
+                    yield b.chunk(None if b.chat else "", reason, logprobs=self._take_logprobs(p))
                     self.metrics.success(reason)
             if p.include_usage:
                 yield b.usage_chunk(usage)
@@ -453,6 +458,28 @@ class Ingress:
         finally:
             await events.aclose()
         yield SSE_DONE
+
+    # --- logprobs and echo ------------------------------------------------------------
+    @staticmethod
+    def _with_prefill_logprobs(first: TokenDelta, result: PrefillResult) -> TokenDelta:
+        if result.logprobs is None and result.prompt_logprobs is None:
+            return first
+        return replace(first, logprobs=result.logprobs, prompt_logprobs=result.prompt_logprobs)
+
+    @staticmethod
+    def _add_logprobs_and_echo(p: Prepared, delta: TokenDelta, text: str, first: bool) -> str:
+        """Hands `delta`'s logprobs to the request's renderer (where it asked for them,
+        the prompt's first with `echo`); returns `text`, after the prompt on the first."""
+        if p.logprobs is not None:
+            if first and p.echo_text is not None and delta.prompt_logprobs is not None:
+                p.logprobs.add(p.prompt_ids, delta.prompt_logprobs)
+            if delta.logprobs is not None:
+                p.logprobs.add(delta.token_ids, delta.logprobs)
+        return p.echo_text + text if first and p.echo_text is not None else text
+
+    @staticmethod
+    def _take_logprobs(p: Prepared) -> dict | None:
+        return p.logprobs.take() if p.logprobs is not None else None
 
 
 IngressDeployment = serve.deployment(Ingress, name="ingress")

@@ -61,6 +61,8 @@ class PrefillServer(EngineReplica):
             kv_key=kv_key,
             num_kv_blocks=num_blocks,
             replica_id=self.replica_id,
+            logprobs=out.logprobs,
+            prompt_logprobs=out.prompt_logprobs,
         )
 
     async def stats(self) -> dict:

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from serving.engine.logprobs import TokenLogprobs
 from serving.engine.sampling_params import SamplingParams
 
 
@@ -35,6 +36,9 @@ class PrefillResult:
     num_kv_blocks: int
     replica_id: str
     error: str | None = None
+    # where the request asked for them: the first token's, and the prompt's
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,8 @@ class TokenDelta:
     finished: bool
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None  # one per token, where asked for
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with the first token
 
 
 @dataclass(frozen=True, slots=True)

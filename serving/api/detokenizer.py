@@ -9,12 +9,19 @@ from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        tokenizer,
+        prompt_ids: list[int],
+        stop: tuple[str, ...] = (),
+        include_stop: bool = False,  # vLLM's include_stop_str_in_output
+    ):
         self.tokenizer = tokenizer
         self.ids: list[int] = list(prompt_ids[-6:])  # context for the first tokens' spacing
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.stop = stop
+        self.include_stop = include_stop
         self.text = ""  # everything emitted so far
         self._held = ""  # text not yet emitted because it may be the start of a stop string
         self.stopped = False
@@ -40,13 +47,14 @@ class IncrementalDetokenizer:
         if not self.stop:
             self.text += pending
             return pending
-        hits = [i for i in (pending.find(s) for s in self.stop) if i != -1]
-        if hits:  # cut at the earliest stop string, whichever it is
-            idx = min(hits)
+        hits = [(i, -len(s)) for s in self.stop if (i := pending.find(s)) != -1]
+        if hits:  # cut at the earliest stop string (the longest of those starting there)
+            idx, minus_len = min(hits)
+            end = idx - minus_len if self.include_stop else idx
             self.stopped = True
             self._held = ""
-            self.text += pending[:idx]
-            return pending[:idx]
+            self.text += pending[:end]
+            return pending[:end]
         # hold back the longest tail that could still grow into a stop string
         hold = 0
         for s in self.stop:

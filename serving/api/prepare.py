@@ -3,9 +3,9 @@
     prepare(body, chat, tokenizer, model) -> Prepared
         fields parse (400 naming the field) -> the model is ours (404) -> no field OpenAI or
         vLLM defines that we do not implement (400 naming it, `serving.api.unsupported`)
-        -> token ids within the vocabulary (400: `stop_token_ids`, a prompt of ids) -> chat
-        template, tokenize -> prompt + max_tokens within the context (400
-        `context_length_exceeded`)
+        -> token ids within the vocabulary (400: `stop_token_ids`, `logit_bias`, a prompt of
+        ids) -> chat template, tokenize -> prompt + max_tokens within the context (400
+        `context_length_exceeded`) -> `bad_words` tokenized
 
 Whatever a client can get wrong is refused here with a 4xx, before routing: nothing it
 sends reaches an engine step shared with other requests (an out-of-vocabulary stop token
@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from serving.api.errors import BadRequest, ContextLengthExceeded, UnknownModel
+from serving.api.logprobs import LogprobsRenderer
 from serving.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from serving.api.responses import ResponseBuilder
 from serving.api.unsupported import Api, check_unsupported
 from serving.engine.sampling_params import SamplingParams
 
 MAX_ECHOED_CHARS = 64  # of a client's string quoted back in an error message
+MAX_LOGIT_BIAS = 100.0  # biases are clamped to ±this, as OpenAI and vLLM do
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
 M = TypeVar("M", bound=BaseModel)
@@ -39,6 +41,7 @@ class Tokenizer(Protocol):
     """The part of a Hugging Face tokenizer that validation uses."""
 
     def __len__(self) -> int: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def apply_chat_template(self, conversation: list[dict], **kwargs: Any) -> Any: ...
 
@@ -77,6 +80,8 @@ class Prepared:
     user: str | None = None
     conversation_start: str = ""  # what every turn of one conversation starts with
     session_id: str | None = None  # routing affinity across a conversation's turns
+    logprobs: LogprobsRenderer | None = None  # set where the request asks for logprobs
+    echo_text: str | None = None  # completions with `echo`: the prompt, before the answer
 
 
 def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> Prepared:
@@ -86,6 +91,8 @@ def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> P
     check_model(req.model, model)
     check_unsupported(body, Api.CHAT if chat else Api.COMPLETION)
     check_token_ids(req.stop_token_ids or (), model.vocab_size, "stop_token_ids")
+    logit_bias = check_logit_bias(req.logit_bias, model.vocab_size)
+    echo_text = None
     if isinstance(req, ChatCompletionRequest):
         prompt_ids = render_chat(
             req.messages, tokenizer, req.add_generation_prompt, req.add_special_tokens
@@ -99,20 +106,29 @@ def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> P
         else:
             prompt_ids = tokenizer.encode(prompt, add_special_tokens=req.add_special_tokens)
         requested = req.max_tokens
+        if req.echo:
+            echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     if not prompt_ids:
         raise BadRequest("the prompt is empty", param="prompt")
     max_tokens = check_context(len(prompt_ids), requested, model.max_model_len, chat)
     # The response id is the request id everywhere (logs, kv_store keys), as in vLLM.
     req_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    params = replace(
+        req.sampling_params(max_tokens),
+        logit_bias=logit_bias,
+        bad_words_ids=bad_words_ids(req.bad_words or [], tokenizer, model.vocab_size),
+    )
     return Prepared(
         req_id=req_id,
         prompt_ids=prompt_ids,
-        params=req.sampling_params(max_tokens),
+        params=params,
         builder=ResponseBuilder(req_id, model.name, chat),
         stream=req.stream,
         include_usage=req.include_usage,
         request=req,
         user=req.user,
+        logprobs=LogprobsRenderer(tokenizer, chat) if params.logprobs is not None else None,
+        echo_text=echo_text,
     )
 
 
@@ -148,6 +164,45 @@ def check_token_ids(ids: list[int] | tuple[int, ...], vocab_size: int, param: st
             f"(valid ids: 0 to {vocab_size - 1})",
             param=param,
         )
+
+
+def check_logit_bias(
+    bias: dict[str, float] | None, vocab_size: int
+) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as (token id, bias) pairs: ids are decimal strings within the
+    vocabulary (400 otherwise), biases clamped to ±100."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise BadRequest(
+                f"logit_bias: key {_clip(json.dumps(key))} is not a token id (a decimal string)",
+                param="logit_bias",
+            ) from None
+        check_token_ids([token], vocab_size, "logit_bias")
+        pairs.append((token, max(-MAX_LOGIT_BIAS, min(MAX_LOGIT_BIAS, float(value)))))
+    return tuple(pairs)
+
+
+def bad_words_ids(
+    words: list[str], tokenizer: Tokenizer, vocab_size: int
+) -> tuple[tuple[int, ...], ...]:
+    """vLLM's tokenization of `bad_words`: each word as written (leading spaces stripped)
+    and with one leading space, as it appears mid-sentence, where that starts with another
+    token and has as many."""
+    out: list[tuple[int, ...]] = []
+    for word in words:
+        plain = tuple(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = tuple(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        candidates = [plain]
+        if plain and spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            candidates.append(spaced)
+        for ids in candidates:
+            if ids and ids not in out:
+                check_token_ids(ids, vocab_size, "bad_words")
+                out.append(ids)
+    return tuple(out)
 
 
 def render_chat(

@@ -6,10 +6,14 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serving.api.errors import BadRequest, InvalidText, UnsupportedMediaType
 from serving.engine.sampling_params import SamplingParams
+
+# Most logprobs per position a request may ask for (vLLM's default --max-logprobs; OpenAI
+# allows 20 on chat and 5 on completions).
+MAX_LOGPROBS = 20
 
 
 class StreamOptions(BaseModel):
@@ -37,8 +41,12 @@ class _SamplingFields(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    min_p: float | None = Field(0.0, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(1.0, gt=0.0)  # vLLM's; 1 = off
+    bad_words: list[str] | None = None  # vLLM's
+    include_stop_str_in_output: bool = False  # vLLM's
     user: str | None = None
     # Ours (pass with the openai client's extra_body): staged-KV profile for this request.
     kv_profile: Literal["baseline", "safe", "balanced", "aggressive"] | None = None
@@ -61,13 +69,27 @@ class _SamplingFields(BaseModel):
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=max(self.top_k, 0),
+            min_p=self.min_p or 0.0,
             seed=self.seed,
             stop_token_ids=tuple(self.stop_token_ids or ()),
             stop=self.stop_strings(),
+            include_stop_str_in_output=self.include_stop_str_in_output,
             ignore_eos=self.ignore_eos,
             min_tokens=min(self.min_tokens, max_tokens),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logprobs=self.num_logprobs(),
+            prompt_logprobs=self.num_prompt_logprobs(),
             kv_profile=self.kv_profile,
         )
+
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per output token, or None for no logprobs."""
+        return None
+
+    def num_prompt_logprobs(self) -> int | None:
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -78,7 +100,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_special_tokens: bool = True  # vLLM's: the tokenizer's own (e.g. BOS) on a text prompt
 
     def single_prompt(self) -> str | list[int]:
@@ -94,6 +116,12 @@ class CompletionRequest(_SamplingFields):
         raise BadRequest(
             "batched prompts are not supported; send one prompt per request", param="prompt"
         )
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None  # echo scores the prompt too
 
 
 class ChatMessage(BaseModel):
@@ -121,8 +149,18 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
     add_special_tokens: bool = False  # vLLM's: the tokenizer's own on top of the template's
+
+    @model_validator(mode="after")
+    def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:  # vLLM's 400 too
+            raise BadRequest("top_logprobs needs `logprobs: true`", param="top_logprobs")
+        return self
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -38,31 +38,49 @@ class ResponseBuilder:
             obj = "text_completion"
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str | None, usage: Usage) -> dict:
+    def full(
+        self, text: str, finish_reason: str | None, usage: Usage, logprobs: dict | None = None
+    ) -> dict:
         if self.chat:
             choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
         return self._envelope(False) | {"choices": [choice], "usage": usage.as_dict()}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+    def chunk(
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        role: bool = False,
+        logprobs: dict | None = None,
+    ) -> str:
         if self.chat:
             delta: dict = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
         else:
             choice = {
                 "index": 0,
                 "text": text or "",
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         return sse(self._envelope(True) | {"choices": [choice]})

@@ -15,7 +15,7 @@ Accepted without a row, as vLLM does:
 - modifiers of a refused feature, which change nothing alone: `length_penalty` (beam
   search), `spaces_between_special_tokens` (`skip_special_tokens: false`),
   `guided_decoding_backend` and `guided_whitespace_pattern` (guided decoding),
-  `return_tokens_as_token_ids` (logprobs), `include_reasoning`, `mm_processor_kwargs`.
+  `include_reasoning`, `mm_processor_kwargs`.
 
 To support a field, implement it and delete its row.
 """
@@ -65,7 +65,6 @@ class Unsupported:
 
 _TOOLS = "tool calling is not implemented yet"
 _STRUCTURED = "structured output is not implemented yet"
-_LOGPROBS = "logprobs are not implemented yet"
 _TEMPLATE = "the server's chat template is the only one used"
 _LAST_USAGE = "usage comes once, in the last chunk (stream_options.include_usage)"
 
@@ -73,13 +72,7 @@ UNSUPPORTED_FIELDS: tuple[Unsupported, ...] = (
     # OpenAI
     Unsupported("n", (1,), GENERATE, "one choice per request; send n requests"),
     Unsupported("best_of", (1,), GENERATE, "one sequence per request"),
-    Unsupported("logprobs", (False,), CHAT, _LOGPROBS),
-    Unsupported("logprobs", (), COMPLETION, _LOGPROBS),  # 0 asks for the sampled token's
-    Unsupported("top_logprobs", (0,), CHAT, _LOGPROBS),
-    Unsupported("echo", (False,), GENERATE, "the prompt is not echoed"),
-    Unsupported("presence_penalty", (0,), GENERATE, "penalties are not implemented yet"),
-    Unsupported("frequency_penalty", (0,), GENERATE, "penalties are not implemented yet"),
-    Unsupported("logit_bias", ({},), GENERATE, "logit_bias is not implemented yet"),
+    Unsupported("echo", (False,), CHAT, "chat does not echo the last message"),
     Unsupported("suffix", ("",), COMPLETION, "no fill-in-the-middle"),
     Unsupported("response_format", ({"type": "text"},), GENERATE, _STRUCTURED),
     Unsupported("tools", ([],), TEMPLATE, _TOOLS),
@@ -96,12 +89,9 @@ UNSUPPORTED_FIELDS: tuple[Unsupported, ...] = (
     Unsupported("service_tier", ("auto", "default"), CHAT, "one service tier"),
     Unsupported("stream_options.continuous_usage_stats", (False,), GENERATE, _LAST_USAGE),
     # vLLM's extras
-    Unsupported("repetition_penalty", (1,), GENERATE, "penalties are not implemented yet"),
-    Unsupported("min_p", (0,), GENERATE, "min_p is not implemented yet"),
-    Unsupported("bad_words", ([],), GENERATE, "bad_words is not implemented yet"),
     Unsupported("allowed_token_ids", (), GENERATE, "allowed_token_ids is not implemented"),
-    Unsupported("prompt_logprobs", (), GENERATE, _LOGPROBS),
-    Unsupported("include_stop_str_in_output", (False,), GENERATE, "stop strings are cut"),
+    Unsupported("prompt_logprobs", (), GENERATE, "prompt logprobs come with `echo`"),
+    Unsupported("return_tokens_as_token_ids", (False,), GENERATE, "tokens come as text"),
     Unsupported("skip_special_tokens", (True,), GENERATE, "special tokens are always skipped"),
     Unsupported("truncate_prompt_tokens", (), GENERATE, "prompts are never truncated"),
     Unsupported("use_beam_search", (False,), GENERATE, "no beam search"),

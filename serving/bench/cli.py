@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -87,6 +88,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "requests may then stop before --output-len",
     )
     parser.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default=None,
+        help='more request fields as a JSON object, e.g. \'{"logprobs": 5}\'',
+    )
+    parser.add_argument(
         "--timeout-s",
         type=float,
         default=600.0,
@@ -119,6 +126,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _json_object(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--extra-body must be a JSON object")
+    return value
+
+
 def _validate(args: argparse.Namespace) -> str | None:
     for name in ("concurrency", "num_prompts", "input_len", "output_len", "turns", "sessions"):
         if getattr(args, name) <= 0:
@@ -132,7 +146,8 @@ def _print_config(args: argparse.Namespace, tokenizer: str) -> None:
         f"endpoint={args.endpoint} concurrency={args.concurrency} "
         f"num_prompts={args.num_prompts} input_len={args.input_len} "
         f"output_len={args.output_len} seed={args.seed} temperature={args.temperature} "
-        f"ignore_eos={args.ignore_eos} tokenizer={tokenizer}",
+        f"ignore_eos={args.ignore_eos} tokenizer={tokenizer} "
+        f"extra_body={json.dumps(args.extra_body)}",
         flush=True,
     )
 
@@ -163,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         ignore_eos=args.ignore_eos,
         timeout_s=args.timeout_s,
+        extra_body=args.extra_body,
     )
     try:
         bench_run = asyncio.run(

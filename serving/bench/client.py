@@ -43,6 +43,8 @@ class ClientConfig:
     temperature: float = 0.0
     ignore_eos: bool = True
     timeout_s: float = 600.0
+    # more request fields, e.g. {"logprobs": 5} (sent as the openai client's extra_body)
+    extra_body: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -136,10 +138,14 @@ def _request_kwargs(config: ClientConfig, model: str) -> dict[str, Any]:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    body: dict[str, Any] = {}
     if config.ignore_eos:
         # Not OpenAI parameters, but vLLM, llama.cpp and our server honour them; without them a
         # request that hits EOS early makes output_len (and tokens/s) meaningless.
-        kwargs["extra_body"] = {"ignore_eos": True, "min_tokens": config.max_tokens}
+        body = {"ignore_eos": True, "min_tokens": config.max_tokens}
+    body |= config.extra_body or {}
+    if body:
+        kwargs["extra_body"] = body
     return kwargs
 
 

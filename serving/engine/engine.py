@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from serving.engine.block_pool import BlockPool
+from serving.engine.logprobs import TokenLogprobs, pick, raw_logprobs
 from serving.engine.model_runner import ModelRunner
 from serving.engine.sampler import sample
 from serving.engine.scheduler import BatchScheduler, SchedulerOutput
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 # sampled on every IMPORTANCE_EVERY-th one (one extra QK^T on one layer).
 REBALANCE_EVERY = 16
 IMPORTANCE_EVERY = 4
+# Prompt logprobs: positions whose logits are computed at once ([rows, vocab] fp32).
+PROMPT_LOGPROBS_ROWS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +63,11 @@ class StepOutput:
     num_prompt_tokens: int
     kv_export: KVPayload | None = None
     error: str | None = None
+    # Per new token, where the request asked for logprobs (params.logprobs).
+    logprobs: list[TokenLogprobs] | None = None
+    # With the first token, where it asked for prompt logprobs: None for the first prompt
+    # token (nothing precedes it), then one per prompt token.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(slots=True)
@@ -137,6 +145,8 @@ class LLMEngine:
     # --- requests ------------------------------------------------------------------------
     def add_request(self, seq: Sequence) -> None:
         seq.max_model_len = min(seq.max_model_len, self.config.max_model_len)
+        if seq.params.prompt_logprobs is not None and not seq.output_token_ids:
+            seq.kv_import = None  # a cached prefix has no logits: compute the whole prompt
         self.scheduler.add(seq)
 
     def abort(self, req_id: str) -> bool:
@@ -179,9 +189,10 @@ class LLMEngine:
         logits = self.runner.execute(batch, plan, importance_layer)
         if self.runner.last_importance is not None:
             self._record_importance(batch.seqs, self.runner.last_importance)
+        self._record_prompt_logprobs(batch)
         sampling = [batch.seqs[row] for row in batch.sampling_rows]
-        tokens = sample(logits, sampling, self.eos_token_ids) if sampling else []
-        outputs = self._commit_step(batch, tokens)
+        tokens, logprobs = self._sample(logits, sampling)
+        outputs = self._commit_step(batch, tokens, logprobs)
         if self.spec is not None and not batch.is_prefill:
             return self._finish_decode(batch, outputs, started)
         self.last_step = StepStats(
@@ -191,6 +202,49 @@ class LLMEngine:
             duration_s=time.perf_counter() - started,
         )
         return outputs
+
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence]
+    ) -> tuple[list[int], list[list[TokenLogprobs] | None]]:
+        """The rows' tokens, and the logprobs of those whose request asks for them (of the
+        raw logits: taken before the sampler edits them in place)."""
+        if not seqs:
+            return [], []
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        raw = raw_logprobs(logits[want]) if want else None
+        tokens = sample(logits, seqs, self.eos_token_ids)
+        logprobs: list[list[TokenLogprobs] | None] = [None] * len(seqs)
+        if raw is not None:  # one top-k for all rows, each cut to its request's N
+            num_tops = [seqs[i].params.logprobs or 0 for i in want]
+            picked = pick(raw, [tokens[i] for i in want], max(num_tops))
+            for i, lp, n in zip(want, picked, num_tops, strict=True):
+                logprobs[i] = [replace(lp, top=lp.top[:n])]
+        return tokens, logprobs
+
+    def _record_prompt_logprobs(self, batch: SchedulerOutput) -> None:
+        """Logprobs of the prompt tokens this step computed, for requests asking for them:
+        the logits at position p score prompt token p + 1. From the runner's last hidden
+        states; a runner that keeps none (other backends) gives none."""
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_scheduled_tokens, strict=True):
+            row_offset, offset = offset, offset + n
+            num_top = seq.params.prompt_logprobs
+            if num_top is None or seq.output_token_ids:
+                continue
+            if seq.prompt_logprobs is None:
+                seq.prompt_logprobs = []
+            start = seq.num_computed_tokens
+            lo = max(start, len(seq.prompt_logprobs))  # recomputed after a preemption: kept
+            hi = min(start + n, len(seq.prompt_token_ids) - 1)
+            hidden = getattr(self.runner, "last_hidden", None)
+            if hidden is None or lo >= hi or len(seq.prompt_logprobs) < start:
+                continue
+            # a few hundred positions at a time: a 4k-token chunk's logits would be 800 MB
+            for a in range(lo, hi, PROMPT_LOGPROBS_ROWS):
+                b = min(a + PROMPT_LOGPROBS_ROWS, hi)
+                h = hidden[row_offset + a - start : row_offset + b - start]
+                lp = raw_logprobs(self.runner.model.compute_logits(h))
+                seq.prompt_logprobs.extend(pick(lp, seq.prompt_token_ids[a + 1 : b + 1], num_top))
 
     def _finish_decode(
         self, batch: SchedulerOutput, outputs: list[StepOutput], started: float
@@ -217,19 +271,31 @@ class LLMEngine:
         """Run-time profile change; blocks move on the next rebalance."""
         self.staged.set_profile(profile, window)
 
-    def _commit_step(self, batch: SchedulerOutput, tokens: list[int]) -> list[StepOutput]:
-        """Commit a plain step: `tokens` are the sampled tokens of the rows that sample, in
-        row order; a prompt chunk that is not the prompt's last only counts as computed."""
+    def _commit_step(
+        self,
+        batch: SchedulerOutput,
+        tokens: list[int],
+        logprobs: list[list[TokenLogprobs] | None],
+    ) -> list[StepOutput]:
+        """Commit a plain step: `tokens` (and `logprobs`) are those of the rows that sample,
+        in row order; a prompt chunk that is not the prompt's last only counts as computed."""
         outputs = []
-        sampled = dict(zip(batch.sampling_rows, tokens, strict=True))
+        sampled = dict(zip(batch.sampling_rows, zip(tokens, logprobs, strict=True), strict=True))
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_scheduled_tokens, strict=True)):
             if row in sampled:
-                outputs.append(self.commit(seq, [sampled[row]], num_input_tokens=n))
+                token, lp = sampled[row]
+                outputs.append(self.commit(seq, [token], num_input_tokens=n, logprobs=lp))
             else:
                 seq.num_computed_tokens += n
         return outputs
 
-    def commit(self, seq: Sequence, tokens: list[int], num_input_tokens: int = 1) -> StepOutput:
+    def commit(
+        self,
+        seq: Sequence,
+        tokens: list[int],
+        num_input_tokens: int = 1,
+        logprobs: list[TokenLogprobs] | None = None,
+    ) -> StepOutput:
         """Commit the tokens one step accepted for `seq`, plain (one token) or speculative
         (1..k+1): append them up to and including the first that finishes the sequence
         (a stop id, EOS once `min_tokens` are out, `max_tokens`, `max_model_len`); advance
@@ -239,7 +305,8 @@ class LLMEngine:
         a plain step's scheduled count (1 in decode, the chunk in prefill), 1 for a
         speculative step (its newest token). Every kept token but the last was an input of
         the same pass (a verified draft), so its KV is written too: a speculative step
-        keeping 3 tokens advances the prefix by 1 + 2, and the last stays uncomputed."""
+        keeping 3 tokens advances the prefix by 1 + 2, and the last stays uncomputed.
+        `logprobs`: one per token of `tokens` where the request asked for them."""
         if not tokens:
             raise ValueError("a step commits at least one token")
         new: list[int] = []
@@ -252,6 +319,10 @@ class LLMEngine:
                 break
         seq.num_computed_tokens += num_input_tokens + len(new) - 1
         export = self._release_if_done(seq, reason)
+        prompt_logprobs = None
+        if seq.prompt_logprobs is not None:  # the first token: the prompt's go out with it
+            prompt_logprobs = [None, *seq.prompt_logprobs]
+            seq.prompt_logprobs = None
         return StepOutput(
             req_id=seq.req_id,
             new_token_ids=new,
@@ -259,6 +330,8 @@ class LLMEngine:
             finish_reason=reason.value if reason else None,
             num_prompt_tokens=len(seq.prompt_token_ids),
             kv_export=export,
+            logprobs=logprobs[: len(new)] if logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _release_if_done(self, seq: Sequence, reason: FinishReason | None) -> KVPayload | None:

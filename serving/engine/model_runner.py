@@ -22,6 +22,9 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.last_importance: torch.Tensor | None = None
+        # The last step's final hidden states `[num_tokens, hidden]` (prompt logprobs read
+        # them; kept, not copied).
+        self.last_hidden: torch.Tensor | None = None
         self.layout = KVLayout(
             num_layers=arch.num_layers,
             num_kv_heads=arch.num_kv_heads,
@@ -93,6 +96,7 @@ class ModelRunner:
         meta.importance_layer = importance_layer if meta.all_decode else -1
         hidden = self.model(input_ids, positions, self.kv_cache, meta)
         self.last_importance = meta.importance
+        self.last_hidden = hidden
         last = torch.tensor(meta.query_lens).cumsum(0) - 1
         if batch.sample_rows is not None and len(batch.sample_rows) < len(batch.seqs):
             last = last[batch.sample_rows]

@@ -1,35 +1,25 @@
-"""Turn next-token logits into tokens: greedy, temperature, top-k, top-p, seed, min_tokens.
+"""Turn next-token logits into tokens: the request's logit adjustments
+(`serving.engine.logits_processors`: min_tokens, logit_bias, bad_words, penalties), then
+greedy, or temperature, min_p, top-k, top-p and a seeded draw.
 
 The one sampler of the engine: a plain step draws with `sample`; a speculative step's
 verifier draws from `distributions` with `seeded_generator`, so both see the same
-processed distribution at every position and a seeded request's randomness comes from the
-same stream.
+processed distribution at every position (row j of a speculative step counts the j
+drafted tokens before it as output, as the plain step will once they are accepted) and a
+seeded request's randomness comes from the same stream.
 """
 
 from __future__ import annotations
 
 import torch
 
+from serving.engine.logits_processors import Row, process, speculative_rows
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import Sequence
 
 # Mixes the request seed with the token's position so a seeded request samples the same
 # token whichever replica (prefill or decode) draws it.
 _POSITION_STRIDE = 1_000_003
-
-
-def _ban_stops(logits: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...]) -> None:
-    """In place on `logits [n, vocab]`, `seq`'s next n positions: below `min_tokens`, EOS
-    and stop tokens may not be sampled. Row j comes after j more output tokens, so e.g.
-    with 2 outputs and min_tokens 4 rows 0 and 1 are banned and row 2 is not."""
-    p = seq.params
-    num_banned_rows = min(logits.shape[0], p.min_tokens - seq.num_output_tokens)
-    if num_banned_rows <= 0:
-        return
-    banned = list(set(eos_ids) | set(p.stop_token_ids))
-    if banned:
-        for j in range(num_banned_rows):
-            logits[j, banned] = float("-inf")
 
 
 def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -47,18 +37,32 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
+def _filter_min_p(scaled: torch.Tensor, min_p: float) -> torch.Tensor:
+    """vLLM's min_p on temperature-scaled logits `[vocab]`: drop tokens less likely than
+    min_p times the most likely one."""
+    if min_p <= 0.0:
+        return scaled
+    probs = torch.softmax(scaled, dim=-1)
+    return scaled.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
 def _row_distribution(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """A non-greedy request's sampling distribution from one row of (stop-banned) logits
-    `[vocab]`: temperature, then top-k and top-p, then softmax."""
-    scaled = logits / params.temperature
+    """A non-greedy request's sampling distribution from one row of processed logits
+    `[vocab]`: temperature, min_p, then top-k and top-p, then softmax."""
+    scaled = _filter_min_p(logits / params.temperature, params.min_p)
     return torch.softmax(_filter_top_k_top_p(scaled, params.top_k, params.top_p), dim=-1)
 
 
-def distributions(logits: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...]) -> torch.Tensor:
-    """`logits [n, vocab]` at `seq`'s next n positions (modified in place) → per row what
-    the sampler draws from there. Greedy: the stop-banned logits themselves, as only their
-    argmax is used (a softmax could round two near-equal logits into a tie and move it)."""
-    _ban_stops(logits, seq, eos_ids)
+def distributions(
+    logits: torch.Tensor, seq: Sequence, eos_ids: tuple[int, ...], draft: list[int]
+) -> torch.Tensor:
+    """`logits [k+1, vocab]` at `seq`'s next k+1 positions, row j after `draft[:j]`
+    (modified in place) → per row what the sampler draws from there. Greedy: the processed
+    logits themselves, as only their argmax is used (a softmax could round two near-equal
+    logits into a tie and move it)."""
+    if logits.shape[0] != len(draft) + 1:
+        raise ValueError(f"{len(draft)} drafted tokens need {len(draft) + 1} rows of logits")
+    process(logits, speculative_rows(seq, draft), eos_ids)
     if seq.params.greedy:
         return logits
     return torch.stack([_row_distribution(row, seq.params) for row in logits])
@@ -76,11 +80,12 @@ def seeded_generator(seq: Sequence) -> torch.Generator | None:
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[int]:
     """logits `[num_seqs, vocab]` (fp32, modified in place), one row per sequence in `seqs`."""
-    dists = [distributions(logits[row : row + 1], s, eos_ids)[0] for row, s in enumerate(seqs)]
-    # a greedy row's distribution is its (banned) row of `logits`: one batched argmax
+    process(logits, [Row(s) for s in seqs], eos_ids)  # the whole batch at once
+    # a greedy row's distribution is its processed row of `logits`: one batched argmax
     # answers them all; the sampled rows are drawn one by one
     tokens = logits.argmax(dim=-1).tolist()
     for row, seq in enumerate(seqs):
         if not seq.params.greedy:
-            tokens[row] = int(torch.multinomial(dists[row], 1, generator=seeded_generator(seq)))
+            dist = _row_distribution(logits[row], seq.params)
+            tokens[row] = int(torch.multinomial(dist, 1, generator=seeded_generator(seq)))
     return tokens

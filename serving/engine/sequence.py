@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from serving.engine.logprobs import TokenLogprobs
 from serving.engine.sampling_params import SamplingParams
 from serving.kv.block_format import KVPayload
 
@@ -42,6 +43,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     num_preemptions: int = 0
+    # Logprobs of prompt tokens 1.. gathered over the prompt's chunks (params.prompt_logprobs),
+    # handed out with the first output token.
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def num_tokens(self) -> int:

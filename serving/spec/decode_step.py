@@ -14,7 +14,7 @@ a draft of k_i tokens d_1..d_k:
    beyond it and are overwritten when those positions are computed, and blocks beyond the
    sequence's length go back to the pool: the rollback.
 
-The target distributions, seeds and min_tokens rule are the plain sampler's
+The target distributions, seeds, penalties and min_tokens rule are the plain sampler's
 (`serving.engine.sampler`), and the accepted tokens are committed by `LLMEngine.commit`,
 as a plain step's are.
 """
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from policies.speculation import SpecController, SpecGate
+from serving.engine.logprobs import pick, raw_logprobs
 from serving.engine.sampler import distributions, seeded_generator
 from serving.engine.scheduler import SchedulerOutput, blocks_for
 from serving.engine.sequence import Sequence
@@ -168,9 +169,13 @@ class SpecDecodeStep:
         offset = 0
         for seq, draft in zip(seqs, drafts, strict=True):
             n = len(draft) + 1
-            # the plain sampler's distribution at each of the n positions
-            probs = distributions(logits[offset : offset + n], seq, engine.eos_token_ids)
+            rows = logits[offset : offset + n]
             offset += n
+            num_top = seq.params.logprobs
+            raw = raw_logprobs(rows) if num_top is not None else None  # before any edit
+            # the plain sampler's distribution at each of the n positions, row j after
+            # draft[:j] (penalties, bad words and min_tokens count those as output)
+            probs = distributions(rows, seq, engine.eos_token_ids, draft)
             result = verify(
                 probs,
                 None,
@@ -182,7 +187,10 @@ class SpecDecodeStep:
                 self._controller(seq).update(len(draft), result.num_accepted_drafts)
             self.stats.record(seq.req_id, len(draft), result.num_accepted_drafts)
             # input: the newest token; the accepted drafts were inputs of the same pass
-            out = engine.commit(seq, result.accepted_tokens, num_input_tokens=1)
+            tokens = result.accepted_tokens
+            # token i of the emitted ones was drawn at row i
+            logprobs = pick(raw, tokens, num_top or 0) if raw is not None else None
+            out = engine.commit(seq, tokens, num_input_tokens=1, logprobs=logprobs)
             if out.finished:
                 self._forget(seq.req_id)
             else:

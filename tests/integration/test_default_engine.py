@@ -106,6 +106,43 @@ def test_turns_equal_transformers_and_reuse_the_earlier_turns(apps, hf) -> None:
         ]
 
 
+def test_logprobs_and_repetition_penalty_with_speculation(apps, hf) -> None:
+    """Colocated (the decode replica's own first token and prompt logprobs) with n-gram
+    speculation: logprobs still equal transformers', and a repetition penalty gives
+    transformers' greedy answer under the same penalty (the same rule: a seen token's
+    logit divided if positive, multiplied if not, over prompt and output)."""
+    from tests.integration.test_sampling_api import (
+        Reference,
+        check_chat_logprobs,
+        check_completion_echo_logprobs,
+    )
+
+    app = apps.get(DEFAULTS)
+    ref = Reference(*hf)
+    check_chat_logprobs(app, ref)
+    check_completion_echo_logprobs(app, ref, stream=True)
+    tok, model = hf
+    messages = [{"role": "user", "content": STORY}]
+    ids = ref.chat_ids(messages)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=NUM_TOKENS,
+            min_new_tokens=NUM_TOKENS,
+            do_sample=False,
+            repetition_penalty=1.3,
+        )
+    expected = tok.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True)
+    resp = app.client().chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=NUM_TOKENS,
+        temperature=0,
+        extra_body={"min_tokens": NUM_TOKENS, "repetition_penalty": 1.3},
+    )
+    assert resp.choices[0].message.content == expected
+
+
 def test_a_killed_engine_replica_loses_no_stream(apps) -> None:
     """The node's one engine replica killed under four streams: each waits for Serve to
     start a new replica and resumes there after the tokens it had sent; the client sees the

@@ -136,7 +136,7 @@ def test_completion_request_validation() -> None:
 
 
 def test_unsupported_options_are_bad_requests() -> None:
-    for field, value in (("n", 2), ("presence_penalty", 0.5), ("echo", True), ("logprobs", 1)):
+    for field, value in (("n", 2), ("best_of", 2), ("suffix", "x"), ("prompt_logprobs", 1)):
         with pytest.raises(BadRequest) as info:
             check_unsupported({"model": "m", "prompt": "hi", field: value}, Api.COMPLETION)
         assert info.value.http_status == 400
@@ -223,7 +223,7 @@ def test_chat_request() -> None:
         ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], top_p=1.5)
     with pytest.raises(BadRequest):
         check_unsupported(
-            {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "echo": True},
             Api.CHAT,
         )
 

@@ -145,10 +145,11 @@ def test_prompt_ids_inside_the_vocabulary_pass(tokenizer, model) -> None:
     assert p.req_id.startswith("cmpl-")
 
 
-def test_logit_bias_is_refused_not_ignored(tokenizer, model) -> None:
+def test_logit_bias_outside_the_vocabulary_is_refused(tokenizer, model) -> None:
     with pytest.raises(BadRequest) as e:
-        prepare(_chat(logit_bias={"15": -100}), True, tokenizer, model)
-    assert e.value.param == "logit_bias"
+        prepare(_chat(logit_bias={"49152": -100}), True, tokenizer, model)
+    assert e.value.param == "logit_bias" and "49151" in e.value.message
+    assert prepare(_chat(logit_bias={"15": -100}), True, tokenizer, model).params.logit_bias
     assert prepare(_chat(logit_bias={}), True, tokenizer, model).prompt_ids  # empty is fine
 
 

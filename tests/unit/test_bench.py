@@ -325,3 +325,18 @@ def test_cli_run_writes_json_and_png(
     stdout = capsys.readouterr().out
     assert "bench config:" in stdout and "seed=0" in stdout
     assert stdout.strip().splitlines()[-1].startswith("bench fake-model c=3 ok=6/6")
+
+
+def test_extra_body_is_sent_with_the_requests() -> None:
+    from serving.bench.client import _request_kwargs
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--extra-body", '{"logprobs": 5}'])
+    config = ClientConfig("http://x", "k", max_tokens=8, extra_body=args.extra_body)
+    body = _request_kwargs(config, "m")["extra_body"]
+    assert body == {"ignore_eos": True, "min_tokens": 8, "logprobs": 5}
+    plain = ClientConfig("http://x", "k", ignore_eos=False)
+    assert "extra_body" not in _request_kwargs(plain, "m")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--extra-body", "[1]"])

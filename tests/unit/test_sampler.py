@@ -140,9 +140,9 @@ def test_distributions_ban_stops_by_position() -> None:
     min_tokens 4, rows 0 and 1 may not pick EOS or a stop id, row 2 may."""
     logits = torch.zeros(3, 10)
     seq = _seq(num_outputs=2, temperature=0.0, min_tokens=4, stop_token_ids=(5,))
-    dist = distributions(logits, seq, EOS)
+    dist = distributions(logits, seq, EOS, [7, 7])
     assert dist is logits  # greedy: the banned logits themselves, for their argmax
     assert torch.isinf(dist[:2, [2, 5]]).all() and not torch.isinf(dist[2]).any()
-    probs = distributions(torch.zeros(3, 10), _seq(num_outputs=2, min_tokens=4), EOS)
+    probs = distributions(torch.zeros(3, 10), _seq(num_outputs=2, min_tokens=4), EOS, [7, 7])
     assert torch.allclose(probs.sum(-1), torch.ones(3))
     assert probs[0, 2] == 0 and probs[1, 2] == 0 and probs[2, 2] > 0

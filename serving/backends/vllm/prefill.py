@@ -99,12 +99,23 @@ def _vllm_params(params: OurSamplingParams | None):
     """Our first-token sampling settings as vLLM's (stop conditions stay ours)."""
     from vllm import SamplingParams
 
-    if params is None or params.greedy:
+    if params is None:
         return SamplingParams(max_tokens=1, temperature=0.0)
+    # the same semantics as ours (`serving.engine.logits_processors` follows vLLM's)
+    controls = dict(
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty,
+        logit_bias=dict(params.logit_bias) or None,
+    )
+    if params.greedy:
+        return SamplingParams(max_tokens=1, temperature=0.0, **controls)
     return SamplingParams(
         max_tokens=1,
         temperature=params.temperature,
         top_p=params.top_p,
         top_k=params.top_k if params.top_k > 0 else -1,
+        min_p=params.min_p,
         seed=params.seed,
+        **controls,
     )
