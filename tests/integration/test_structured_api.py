@@ -26,7 +26,8 @@ from tests.integration.conftest import MODEL
 pytestmark = pytest.mark.integration
 
 NUM_SCHEMAS = 20
-MAX_TOKENS = 128
+NUM_COMPARED = 8  # greedy answers compared with and without speculation
+MAX_TOKENS = 96
 
 
 def _smallest_schemas(num: int) -> list[dict]:
@@ -77,40 +78,37 @@ def _streamed(client, **kw) -> tuple[str, str]:
     return "".join(text), reason
 
 
+def _whole(client, **kw) -> tuple[str, str]:
+    choice = client.chat.completions.create(**kw).choices[0]
+    return choice.message.content, choice.finish_reason
+
+
 def _run_schemas(app) -> dict[int, str]:
-    """Greedy answers one at a time (so batches are alike across the two apps), then
-    all 20 streamed concurrently; every one checked."""
+    """The first NUM_COMPARED schemas' greedy answers one at a time (so batches are alike
+    on the two apps), then the others' whole answers and all 20 streamed, 8 at a time;
+    every answer checked."""
     client = app.client()
-    answers, num_valid = {}, 0
-    for i, schema in enumerate(SCHEMAS):
-        resp = client.chat.completions.create(**_json_request(i, schema))
-        choice = resp.choices[0]
-        answers[i] = choice.message.content
-        num_valid += _check(choice.message.content, choice.finish_reason, schema)
+    answers = {}
+    results = []
+    for i in range(NUM_COMPARED):
+        answers[i], reason = _whole(client, **_json_request(i, SCHEMAS[i]))
+        results.append((answers[i], reason, SCHEMAS[i]))
+    jobs = [(_whole, i) for i in range(NUM_COMPARED, NUM_SCHEMAS)]
+    jobs += [(_streamed, i) for i in range(NUM_SCHEMAS)]
+
+    def run(job) -> tuple[str, str, dict]:
+        fn, i = job
+        return (*fn(client, **_json_request(i, SCHEMAS[i])), SCHEMAS[i])
+
     with ThreadPoolExecutor(8) as pool:
-        requests = [_json_request(i, schema) for i, schema in enumerate(SCHEMAS)]
-        streamed = list(pool.map(lambda kw: _streamed(client, **kw), requests))
-    for (text, reason), schema in zip(streamed, SCHEMAS, strict=True):
-        num_valid += _check(text, reason, schema)
+        results += list(pool.map(run, jobs))
+    num_valid = sum(_check(text, reason, schema) for text, reason, schema in results)
     assert num_valid >= NUM_SCHEMAS  # most answers complete well within MAX_TOKENS
     return answers
 
 
 def test_json_schemas_validate_without_speculation(app) -> None:
     _GREEDY.update(_run_schemas(app))
-
-
-def test_json_schemas_validate_and_match_with_speculation(apps) -> None:
-    if len(_GREEDY) != NUM_SCHEMAS:
-        pytest.skip("needs the speculation-off answers of the test before")
-    app = apps.get(SPEC_ON)
-    decode = app.deployment("decode")
-    before = decode.stats.remote().result()["spec_decode"]
-    answers = _run_schemas(app)
-    after = decode.stats.remote().result()["spec_decode"]
-    assert after["num_spec_steps"] > before["num_spec_steps"]  # it did speculate
-    for i in range(NUM_SCHEMAS):
-        assert answers[i] == _GREEDY[i], i
 
 
 def test_regex_choice_and_json_object(app) -> None:
@@ -298,3 +296,17 @@ def test_tool_history_renders_with_its_fields(app) -> None:
         text = h.post("/detokenize", json={"tokens": ids}).json()["prompt"]
     assert '"name": "get_weather"' in text and '{"city": "Paris"}' in text  # calls
     assert '{"temperature": 18}' in text and "<tools>" in text  # the result, the tools
+
+
+# last: the app with speculation (the tests above share the default test app)
+def test_json_schemas_validate_and_match_with_speculation(apps) -> None:
+    if len(_GREEDY) != NUM_COMPARED:
+        pytest.skip("needs the speculation-off answers of the test before")
+    app = apps.get(SPEC_ON)
+    decode = app.deployment("decode")
+    before = decode.stats.remote().result()["spec_decode"]
+    answers = _run_schemas(app)
+    after = decode.stats.remote().result()["spec_decode"]
+    assert after["num_spec_steps"] > before["num_spec_steps"]  # it did speculate
+    for i in range(NUM_COMPARED):
+        assert answers[i] == _GREEDY[i], i
