@@ -46,9 +46,10 @@ def structured_spec(req: OpenAIRequest) -> StructuredSpec | None:
     try:
         return spec_from_request(req.response_format, structured)
     except InvalidStructuredOutput as e:
-        if guided:
-            param = _field_of(guided)[0]
         message = str(e)
+        if guided:  # the error names the field the client sent
+            param = _field_of(guided)[0]
+            message = message.replace(f"structured_outputs.{_GUIDED[param]}", param)
         if not message.startswith(("response_format", "structured_outputs", "set either")):
             message = f"{param}: {message}"  # the grammar engine's own words
         raise BadRequest(message, param=param) from None

@@ -78,7 +78,8 @@ def test_bad_fields_are_400s_naming_them(tokenizer, model) -> None:
     assert "response_format.json_schema.schema" in message
     _refused(lambda: _chat(tokenizer, model, structured_outputs={"regex": "("}),
              "structured_outputs")  # fmt: skip
-    _refused(lambda: _chat(tokenizer, model, guided_regex="("), "guided_regex")
+    message = _refused(lambda: _chat(tokenizer, model, guided_regex="("), "guided_regex")
+    assert message.startswith("guided_regex") and "structured_outputs" not in message
     _refused(
         lambda: _chat(tokenizer, model, structured_outputs={"regex": "a"}, guided_regex="b"),
         "structured_outputs",
