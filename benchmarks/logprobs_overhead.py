@@ -63,31 +63,44 @@ def children_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def bench(args, url: str, c: int, logprobs: bool, out: Path) -> dict:
+def bench(args, url: str, c: int, extra_body: dict | None, out: Path) -> dict:
     cmd = [str(BIN), "bench", "--base-url", url, "--concurrency", str(c)]
     cmd += ["--num-prompts", str(max(args.min_prompts, c * args.prompts_per_client))]
     cmd += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
     cmd += ["--seed", str(args.seed), "--no-plot", "--no-progress", "--output-json", str(out)]
-    if logprobs:
-        cmd += ["--extra-body", json.dumps({"logprobs": args.num_logprobs})]
+    if extra_body:
+        cmd += ["--extra-body", json.dumps(extra_body)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("results/logprobs_overhead"))
+def overhead_parser(doc: str, default_out: str) -> argparse.ArgumentParser:
+    """The options every on/off overhead benchmark shares."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path(default_out))
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--serve-args", default="", help="extra `inferos serve` arguments")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3, help="on/off pairs per concurrency")
-    p.add_argument("--num-logprobs", type=int, default=5)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--prompts-per-client", type=int, default=4)
     p.add_argument("--min-prompts", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main() -> int:
+    p = overhead_parser(__doc__, "results/logprobs_overhead")
+    p.add_argument("--num-logprobs", type=int, default=5)
     args = p.parse_args()
+    run_overhead(args, {"logprobs": args.num_logprobs}, "logprobs")
+    return 0
+
+
+def run_overhead(args: argparse.Namespace, extra_on: dict, feature: str) -> dict:
+    """Interleaved runs with `extra_on` in every request's body (on) and without (off);
+    prints and writes OUT/{feature}_overhead.json; returns the summary."""
     args.out.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{args.port}"
     print(f"config: {json.dumps({k: str(v) for k, v in vars(args).items()})}", flush=True)
@@ -107,12 +120,12 @@ def main() -> int:
                     name = f"c{c}_{'on' if on else 'off'}_{rep}.json"
                     load = os.getloadavg()[0]
                     before, client_before = tree_cpu_s(root), children_cpu_s()
-                    r = bench(args, url, c, on, args.out / name)
+                    r = bench(args, url, c, extra_on if on else None, args.out / name)
                     after, client_s = tree_cpu_s(root), children_cpu_s() - client_before
                     server_s = sum(t - before.get(pid, 0.0) for pid, t in after.items())
                     tokens = max(1, r["total_output_tokens"])
                     runs.append(
-                        {"c": c, "logprobs": on, "repeat": rep, "loadavg_1m": load}
+                        {"c": c, feature: on, "repeat": rep, "loadavg_1m": load}
                         | {k: r[k] for k in ("output_tokens_per_s", "completed", "failed")}
                         | {"tpot_p50_ms": r["tpot_ms"].get("p50") if r["tpot_ms"] else None}
                         | {"server_cpu_ms_per_token": 1000 * server_s / tokens}
@@ -130,19 +143,19 @@ def main() -> int:
         ratios = []
         for rep in range(args.repeats):
             on, off = (
-                next(r for r in runs if (r["c"], r["logprobs"], r["repeat"]) == (c, x, rep))
+                next(r for r in runs if (r["c"], r[feature], r["repeat"]) == (c, x, rep))
                 for x in (True, False)
             )
             ratios.append(on["output_tokens_per_s"] / off["output_tokens_per_s"])
         tps = {
             x: statistics.median(
-                r["output_tokens_per_s"] for r in runs if r["c"] == c and r["logprobs"] == x
+                r["output_tokens_per_s"] for r in runs if r["c"] == c and r[feature] == x
             )
             for x in (True, False)
         }
         cpu = {
             (x, who): statistics.median(
-                r[f"{who}_cpu_ms_per_token"] for r in runs if r["c"] == c and r["logprobs"] == x
+                r[f"{who}_cpu_ms_per_token"] for r in runs if r["c"] == c and r[feature] == x
             )
             for x in (True, False)
             for who in ("server", "client")
@@ -156,11 +169,11 @@ def main() -> int:
             "client_cpu_ms_per_token_on_off": [cpu[True, "client"], cpu[False, "client"]],
         }
     print(json.dumps(summary, indent=1))
-    (args.out / "logprobs_overhead.json").write_text(
+    (args.out / f"{feature}_overhead.json").write_text(
         json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "runs": runs}
                    | {"summary": summary}, indent=1) + "\n"
     )  # fmt: skip
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

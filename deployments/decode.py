@@ -156,6 +156,11 @@ class DecodeServer(EngineReplica):
                 if req.store_turn:
                     seq.export_kv_at_finish = True
                     self._storing[req.req_id] = seq
+        error = await self._constrain(seq)  # after the tokens it has: they are replayed
+        if error is not None:
+            self._storing.pop(req.req_id, None)
+            self._streamed.discard(req.req_id)
+            return error
         self._subscriber_of[req.req_id] = req.subscriber_id
         self.thread.add(seq)
         return None

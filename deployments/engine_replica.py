@@ -21,6 +21,7 @@ from serving.backends.registry import build_engine
 from serving.config import InferosConfig
 from serving.engine.engine import LLMEngine, StepOutput, StepStats
 from serving.engine.engine_thread import EngineThread
+from serving.engine.sequence import Sequence
 from serving.kv.block_format import KVPayload
 from serving.logging_setup import configure_logging
 from serving.memory import MemoryAccount, model_of, return_freed_heap, summary_line
@@ -28,6 +29,8 @@ from serving.messages import ReplicaLoad, Role
 from serving.metrics import EngineMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
 from serving.models.int4 import HybridInt4Linear
+from serving.structured.engine_grammar import LazyEngineGrammar, grammar_for_model
+from serving.structured.request import InvalidStructuredOutput
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,13 @@ class EngineReplica:
         sample = self.memory.sample(self.engine.block_pool.used_bytes)
         self.metrics.memory(sample)
         logger.info("%s", summary_line(self.role.value, self.replica_id, sample))
+        # structured output: the grammar engine reads the vocabulary on first use only
+        structured = self.config.structured_outputs
+        self.grammar = LazyEngineGrammar(
+            lambda: grammar_for_model(
+                path, self.engine.eos_token_ids, structured.backend, structured.any_whitespace
+            )
+        )
         self._report_task = asyncio.create_task(self._report_loop())
         logger.info(
             "%s replica %s ready (pid %d, %d torch threads)",
@@ -177,6 +187,25 @@ class EngineReplica:
             return None
         self.num_reused_tokens += stored.num_tokens
         return payload
+
+    async def _constrain(self, seq: Sequence) -> str | None:
+        """Give a structured-output sequence its grammar state, replaying the tokens it
+        already has (compiled off the event loop and off the engine thread, so a slow
+        schema holds up no step); an error message, not a raise, when the engine refuses
+        it: the request fails alone."""
+        spec = seq.params.structured
+        if spec is None:
+            return None
+        if self.backend_info.name == "vllm":  # its runner samples inside vLLM
+            return "structured output is not supported by the vllm prefill backend"
+        loop = asyncio.get_running_loop()
+        try:
+            seq.grammar = await loop.run_in_executor(
+                None, lambda: self.grammar.get().state_for(spec, seq.output_token_ids)
+            )
+        except InvalidStructuredOutput as e:
+            return f"structured output refused: {e}"
+        return None
 
     def _apply_policy(self, policy: RuntimePolicy) -> None:
         """A new run-time policy arrived with a report answer; roles extend what they use."""

@@ -34,6 +34,7 @@ from deployments.subscribers import subscriber_name
 from serving.api.auth import ApiKeyAuth, Auth
 from serving.api.detokenizer import IncrementalDetokenizer
 from serving.api.errors import (
+    BadRequest,
     RequestTimeout,
     ServeError,
     TooManyRequests,
@@ -42,7 +43,7 @@ from serving.api.errors import (
 )
 from serving.api.http_errors import install_error_handlers, internal_error
 from serving.api.limits import Limits, RequestLimits
-from serving.api.prepare import ModelInfo, Prepared, check_model, prepare
+from serving.api.prepare import ModelInfo, Prepared, PrepareOptions, check_model, prepare
 from serving.api.protocol import parse_json_body, read_json_body
 from serving.api.responses import SSE_DONE, Usage, sse_error
 from serving.api.tokenize import detokenize, tokenize
@@ -51,6 +52,8 @@ from serving.logging_setup import configure_logging
 from serving.messages import DecodeRequest, PrefillRequest, PrefillResult, RoutePlan, TokenDelta
 from serving.metrics import FrontendMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
+from serving.structured.engine_grammar import LazyEngineGrammar, build_engine_grammar
+from serving.structured.spec import StructuredSpec
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,6 +100,7 @@ class Ingress:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.max_model_len = self.config.model.max_model_len
         self.model_info = ModelInfo.of(self.model_name, self.max_model_len, self.tokenizer, path)
+        self.prepare_options = self._prepare_options()
         self.prefill = prefill
         self.decode = decode
         self.scheduler = scheduler_actor(config)
@@ -127,6 +131,28 @@ class Ingress:
         # launch.run_app's own cluster: this replica answers server.host:port itself
         self.direct_http = (
             DirectHTTP(self.config.server.host, self.config.server.port) if direct_http else None
+        )
+
+    def _prepare_options(self) -> PrepareOptions:
+        """Validation's server settings; a structured output spec is compiled here too
+        (the grammar engine built on first use, a cache after), so a schema the engine
+        refuses is the client's 400, not a replica's failure."""
+        structured, tools = self.config.structured_outputs, self.config.tool_calling
+        grammar = LazyEngineGrammar(
+            lambda: build_engine_grammar(
+                self.tokenizer,
+                self.model_info.vocab_size,
+                [self.tokenizer.eos_token_id],
+                structured.backend,
+                structured.any_whitespace,
+            )
+        )
+
+        def compile_check(spec: StructuredSpec) -> object:
+            return grammar.get().cache.get(spec)
+
+        return PrepareOptions(
+            compile_check, tools.tool_call_parser, tools.enable_auto_tool_choice
         )
 
     async def check_health(self) -> None:
@@ -245,10 +271,29 @@ class Ingress:
 
     def _prepare(self, raw: bytes, content_type: str | None, chat: bool) -> Prepared:
         prepared = prepare(
-            parse_json_body(raw, content_type), chat, self.tokenizer, self.model_info
+            parse_json_body(raw, content_type),
+            chat,
+            self.tokenizer,
+            self.model_info,
+            self.prepare_options,
         )
+        if prepared.params.structured is not None and self._prefill_samples_in_vllm():
+            raise BadRequest(
+                "structured output (and tool_choice required or a named function) is not "
+                "available with prefill.backend vllm; serve with the torch prefill backend "
+                "or scheduling.pd_mode colocated",
+                param="response_format" if chat else "structured_outputs",
+            )
         prepared.conversation_start = conversation_start(prepared.request, prepared.prompt_ids)
         return prepared
+
+    def _prefill_samples_in_vllm(self) -> bool:
+        c = self.config
+        return (
+            c.prefill.backend == "vllm"
+            and c.has_prefill_replicas
+            and c.scheduling.pd_mode != "colocated"
+        )
 
     async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.preparer, fn, *args)
@@ -429,9 +474,13 @@ class Ingress:
                 reason, usage = step_reason, step_usage
         finally:
             await events.aclose()
+        text: str | None = "".join(parts)
+        tool_calls = None
+        if p.tool_output is not None:  # the answer's tool calls, out of its text
+            text, tool_calls, reason = p.tool_output.whole(text or "", reason)
         self.metrics.success(reason or "stop")
         self.metrics.e2e.observe(time.perf_counter() - started)
-        return p.builder.full("".join(parts), reason, usage, self._take_logprobs(p))
+        return p.builder.full(text, reason, usage, self._take_logprobs(p), tool_calls)
 
     async def _sse(
         self, p: Prepared, first: TokenDelta, events, started: float
@@ -443,7 +492,11 @@ class Ingress:
             usage = Usage(len(p.prompt_ids))
             async for text, reason, step_usage in self._run(p, first, events):
                 usage = step_usage
-                if text:
+                if p.tool_output is not None:  # tool calls out of the text, as deltas
+                    chunks, reason = self._tool_chunks(p, text, reason)
+                    for chunk in chunks:
+                        yield chunk
+                elif text:
                     yield b.chunk(text, logprobs=self._take_logprobs(p))
                 if reason is not None:
                     yield b.chunk(None if b.chat else "", reason, logprobs=self._take_logprobs(p))
@@ -458,6 +511,27 @@ class Ingress:
         finally:
             await events.aclose()
         yield SSE_DONE
+
+    def _tool_chunks(
+        self, p: Prepared, text: str, reason: str | None
+    ) -> tuple[list[str], str | None]:
+        """A streamed piece of a request with tools: its content and tool-call chunks (the
+        parser holds what may be a call), all that is held once it ends, and its finish
+        reason (`tool_calls` where it called one)."""
+        assert p.tool_output is not None
+        pieces = p.tool_output.feed(text) if text else []
+        if reason is not None:
+            rest, reason = p.tool_output.finish(reason)
+            pieces += rest
+        chunks = [
+            p.builder.chunk(
+                piece.get("content"),
+                logprobs=self._take_logprobs(p),
+                tool_calls=piece.get("tool_calls"),
+            )
+            for piece in pieces
+        ]
+        return chunks, reason
 
     # --- logprobs and echo ------------------------------------------------------------
     @staticmethod

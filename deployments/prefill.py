@@ -33,6 +33,10 @@ class PrefillServer(EngineReplica):
         self._pending[req.req_id] = fut
         self.thread.set_num_threads(req.num_threads or self.default_threads)
         seq = Sequence(req.req_id, list(req.prompt_token_ids), req.params, export_kv=True)
+        error = await self._constrain(seq)
+        if error is not None:
+            self._pending.pop(req.req_id, None)
+            return PrefillResult(req.req_id, None, True, "error", None, 0, self.replica_id, error)
         seq.kv_import = await self._cached_prefix(seq.prompt_token_ids)
         self.thread.add(seq)
         try:

@@ -60,6 +60,19 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "store's budget against this machine's; exit 2 if it cannot fit; start nothing",
     )
     p.add_argument(
+        "--enable-auto-tool-choice",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="tool_choice auto (the default with tools): read tool calls out of the "
+        "model's text with --tool-call-parser (default on; --no-enable-auto-tool-choice: "
+        "such requests get a 400, as vLLM without the flag)",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=["hermes", "json"],
+        help="format of the model's tool calls under tool_choice auto (default hermes)",
+    )
+    p.add_argument(
         "--no-prefix-reuse",
         dest="prefix_reuse",
         action="store_false",
@@ -90,6 +103,8 @@ def build_config(args: argparse.Namespace) -> InferosConfig:
         ("scheduling", "pd_mode"): args.pd_mode,
         ("kv_cache", "profile"): args.kv_profile,
         ("kv_cache", "prefix_reuse"): args.prefix_reuse,
+        ("tool_calling", "enable_auto_tool_choice"): args.enable_auto_tool_choice,
+        ("tool_calling", "tool_call_parser"): args.tool_call_parser,
     }
     for (section, key), value in overrides.items():
         if value is not None:

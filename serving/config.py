@@ -350,6 +350,40 @@ class SpeculationSettings(_Strict):
         return self
 
 
+class StructuredOutputSettings(_Strict):
+    """Structured output (`response_format`, vLLM's `structured_outputs`) and the grammar
+    that `tool_choice` `required` or a named function imposes."""
+
+    backend: Literal["llguidance", "xgrammar"] = Field(
+        "llguidance",
+        description="grammar engine (as vLLM's --structured-outputs-config.backend); "
+        "llguidance measured best on CPU (benchmarks/results/2026-12-05/grammar/); "
+        "xgrammar needs the `xgrammar` package",
+    )
+    any_whitespace: bool = Field(
+        False,
+        description="JSON output may put any whitespace between tokens (vLLM's default); "
+        "false (ours): compact JSON only, as vLLM's disable_any_whitespace: a small model "
+        "given the choice tends to fill max_tokens with newlines instead of closing the object",
+    )
+
+
+class ToolCallSettings(_Strict):
+    """Tool calling (as vLLM's --enable-auto-tool-choice / --tool-call-parser)."""
+
+    enable_auto_tool_choice: bool = Field(
+        True,
+        description="`tool_choice: auto` (the default with `tools`) parses the model's "
+        "tool calls out of its text with tool_call_parser; false: such requests get a 400, "
+        "as vLLM without --enable-auto-tool-choice ('required' and named functions work)",
+    )
+    tool_call_parser: Literal["hermes", "json"] = Field(
+        "hermes",
+        description="format of the model's tool calls under tool_choice auto: hermes "
+        "(<tool_call>{json}</tool_call>) or json (the whole answer is a call or a list)",
+    )
+
+
 class InferosConfig(_Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     kv_cache: KVCacheSettings = Field(default_factory=KVCacheSettings)
@@ -362,6 +396,10 @@ class InferosConfig(_Strict):
     server: ServerSettings = Field(default_factory=ServerSettings)
     control: ControlSettings = Field(default_factory=ControlSettings)
     speculation: SpeculationSettings = Field(default_factory=SpeculationSettings)
+    structured_outputs: StructuredOutputSettings = Field(
+        default_factory=StructuredOutputSettings
+    )
+    tool_calling: ToolCallSettings = Field(default_factory=ToolCallSettings)
 
     @model_validator(mode="after")
     def _autoscaling_is_valid(self) -> InferosConfig:

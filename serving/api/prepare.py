@@ -1,11 +1,13 @@
 """Validation of one OpenAI request before anything runs (pure: no Ray, no HTTP).
 
-    prepare(body, chat, tokenizer, model) -> Prepared
+    prepare(body, chat, tokenizer, model, options) -> Prepared
         fields parse (400 naming the field) -> the model is ours (404) -> no field OpenAI or
         vLLM defines that we do not implement (400 naming it, `serving.api.unsupported`)
         -> token ids within the vocabulary (400: `stop_token_ids`, `logit_bias`, a prompt of
-        ids) -> chat template, tokenize -> prompt + max_tokens within the context (400
-        `context_length_exceeded`) -> `bad_words` tokenized
+        ids) -> tools and tool_choice (400) -> chat template (with the tools), tokenize ->
+        prompt + max_tokens within the context (400 `context_length_exceeded`) ->
+        `bad_words` tokenized -> the output's grammar (structured output, or the tool
+        call a choice asks for) checked and compiled (400 naming the field)
 
 Whatever a client can get wrong is refused here with a 4xx, before routing: nothing it
 sends reaches an engine step shared with other requests (an out-of-vocabulary stop token
@@ -27,8 +29,12 @@ from serving.api.errors import BadRequest, ContextLengthExceeded, UnknownModel
 from serving.api.logprobs import LogprobsRenderer
 from serving.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from serving.api.responses import ResponseBuilder
+from serving.api.structured import CompileCheck, check_compiles, structured_spec
+from serving.api.tool_output import ToolOutput
+from serving.api.tools import ToolPlan, conversation, tool_plan
 from serving.api.unsupported import Api, check_unsupported
 from serving.engine.sampling_params import SamplingParams
+from serving.structured.spec import StructuredSpec
 
 MAX_ECHOED_CHARS = 64  # of a client's string quoted back in an error message
 MAX_LOGIT_BIAS = 100.0  # biases are clamped to ±this, as OpenAI and vLLM do
@@ -66,6 +72,17 @@ class ModelInfo:
         return cls(name, max_model_len, vocab_size)
 
 
+@dataclass(frozen=True, slots=True)
+class PrepareOptions:
+    """The server's settings that validation follows."""
+
+    # the grammar engine's compile (through a cache): refusals are 400s here, not failures
+    # on a replica; None: the spec is only checked without a tokenizer
+    compile_check: CompileCheck | None = None
+    tool_call_parser: str = "hermes"
+    enable_auto_tool_choice: bool = True
+
+
 @dataclass(slots=True)
 class Prepared:
     """A validated request, ready to run."""
@@ -82,9 +99,16 @@ class Prepared:
     session_id: str | None = None  # routing affinity across a conversation's turns
     logprobs: LogprobsRenderer | None = None  # set where the request asks for logprobs
     echo_text: str | None = None  # completions with `echo`: the prompt, before the answer
+    tool_output: ToolOutput | None = None  # chat with tools (not tool_choice none)
 
 
-def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> Prepared:
+def prepare(
+    body: dict,
+    chat: bool,
+    tokenizer: Tokenizer,
+    model: ModelInfo,
+    options: PrepareOptions = PrepareOptions(),
+) -> Prepared:
     """Validate `body` (a JSON object) as a chat or completion request; raises a
     `ServeError` with a 4xx status for anything wrong."""
     req = parse_request(body, chat)
@@ -93,9 +117,15 @@ def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> P
     check_token_ids(req.stop_token_ids or (), model.vocab_size, "stop_token_ids")
     logit_bias = check_logit_bias(req.logit_bias, model.vocab_size)
     echo_text = None
+    tools: ToolPlan | None = None
     if isinstance(req, ChatCompletionRequest):
+        tools = tool_plan(req, options.tool_call_parser, options.enable_auto_tool_choice)
         prompt_ids = render_chat(
-            req.messages, tokenizer, req.add_generation_prompt, req.add_special_tokens
+            req.messages,
+            tokenizer,
+            req.add_generation_prompt,
+            req.add_special_tokens,
+            tools.tools if tools is not None else None,
         )
         requested = req.requested_max_tokens()
     else:
@@ -117,6 +147,7 @@ def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> P
         req.sampling_params(max_tokens),
         logit_bias=logit_bias,
         bad_words_ids=bad_words_ids(req.bad_words or [], tokenizer, model.vocab_size),
+        structured=output_constraint(req, tools, options.compile_check),
     )
     return Prepared(
         req_id=req_id,
@@ -129,7 +160,38 @@ def prepare(body: dict, chat: bool, tokenizer: Tokenizer, model: ModelInfo) -> P
         user=req.user,
         logprobs=LogprobsRenderer(tokenizer, chat) if params.logprobs is not None else None,
         echo_text=echo_text,
+        tool_output=ToolOutput(tools) if tools is not None and tools.mode != "none" else None,
     )
+
+
+def output_constraint(
+    req: OpenAIRequest, tools: ToolPlan | None, compile_check: CompileCheck | None
+) -> StructuredSpec | None:
+    """The grammar the output must match: the request's structured output, or the tool
+    call(s) `tool_choice` required or a named function asks for (not both: a 400)."""
+    spec = structured_spec(req)
+    tool_spec = tools.spec() if tools is not None else None
+    if spec is not None and tool_spec is not None:
+        raise BadRequest(
+            f"`tool_choice` {tools.mode if tools else ''} and structured output both "  # noqa
+            "constrain the answer; send one of them",
+            param="tool_choice",
+        )
+    if tool_spec is not None:
+        check_compiles(tool_spec, compile_check, "tools")
+        return tool_spec
+    if spec is not None:
+        check_compiles(spec, compile_check, _constraint_field(req))
+    return spec
+
+
+def _constraint_field(req: OpenAIRequest) -> str:
+    if req.response_format is not None:
+        return "response_format"
+    if req.structured_outputs is not None:
+        return "structured_outputs"
+    guided = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+    return next((g for g in guided if getattr(req, g) is not None), "structured_outputs")
 
 
 def parse_request(body: dict, chat: bool) -> OpenAIRequest:
@@ -210,15 +272,20 @@ def render_chat(
     tokenizer: Tokenizer,
     add_generation_prompt: bool = True,
     add_special_tokens: bool = False,
+    tools: tuple[dict, ...] | None = None,
 ) -> list[int]:
     """The prompt ids of a conversation: chat completions and /tokenize both use this, so
     /tokenize counts what a chat request's `usage.prompt_tokens` will say. Special tokens
     come from the template; `add_special_tokens` (vLLM's, default off) adds the
-    tokenizer's own on top."""
-    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    tokenizer's own on top. Tool calls, tool results and `tools` reach the template with
+    their fields (`serving.api.tools.conversation`)."""
+    messages_in = conversation(messages, tools, tokenizer)
     try:
         text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages_in,
+            tools=list(tools) if tools else None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
         )
     except Exception as e:  # the template's own checks (e.g. roles must alternate)
         raise BadRequest(f"chat template failed: {_clip(str(e), 200)}", param="messages") from None

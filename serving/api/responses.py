@@ -39,12 +39,20 @@ class ResponseBuilder:
         return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model}
 
     def full(
-        self, text: str, finish_reason: str | None, usage: Usage, logprobs: dict | None = None
+        self,
+        text: str | None,
+        finish_reason: str | None,
+        usage: Usage,
+        logprobs: dict | None = None,
+        tool_calls: list[dict] | None = None,
     ) -> dict:
         if self.chat:
+            message: dict = {"role": "assistant", "content": text}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
             choice = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
@@ -63,6 +71,7 @@ class ResponseBuilder:
         finish_reason: str | None = None,
         role: bool = False,
         logprobs: dict | None = None,
+        tool_calls: list[dict] | None = None,
     ) -> str:
         if self.chat:
             delta: dict = {}
@@ -70,6 +79,8 @@ class ResponseBuilder:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {
                 "index": 0,
                 "delta": delta,

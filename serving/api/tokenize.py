@@ -1,7 +1,7 @@
 """vLLM's /tokenize and /detokenize, in its request and response shapes (pure: no Ray).
 
     POST /tokenize   {"model"?, "prompt", "add_special_tokens": true, "return_token_strs"?}
-                  or {"model"?, "messages", "add_generation_prompt": true,
+                  or {"model"?, "messages", "tools"?, "add_generation_prompt": true,
                       "add_special_tokens": false, "return_token_strs"?}
                   -> {"count", "max_model_len", "tokens", "token_strs": [...] | null}
     POST /detokenize {"model"?, "tokens"} -> {"prompt"}
@@ -26,7 +26,8 @@ from serving.api.prepare import (
     parse_as,
     render_chat,
 )
-from serving.api.protocol import ChatMessage
+from serving.api.protocol import ChatMessage, ToolDefinition
+from serving.api.tools import as_template_tools
 from serving.api.unsupported import Api, check_unsupported
 
 
@@ -51,6 +52,7 @@ class TokenizeCompletionRequest(_TokenizeFields):
 
 class TokenizeChatRequest(_TokenizeFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDefinition] | None = None  # rendered as a chat request's are
     add_generation_prompt: bool = True
     add_special_tokens: bool = False  # the template places the special tokens
 
@@ -72,7 +74,11 @@ def tokenize(body: dict, tokenizer: Codec, model: ModelInfo) -> dict:
         check_model(req.model, model)
         check_unsupported(body, Api.TOKENIZE_CHAT)
         ids = render_chat(
-            req.messages, tokenizer, req.add_generation_prompt, req.add_special_tokens
+            req.messages,
+            tokenizer,
+            req.add_generation_prompt,
+            req.add_special_tokens,
+            as_template_tools(req.tools),
         )
     else:
         req = parse_as(TokenizeCompletionRequest, body)

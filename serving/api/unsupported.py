@@ -6,15 +6,16 @@ tool call, looks like success and is wrong.
 
 A field is "not used" when it is absent, null, or one of the values its row lists: what
 client libraries send as their defaults (`n: 1`, `logprobs: false`, `presence_penalty: 0`,
-`tool_choice: "none"`, `response_format: {"type": "text"}`) changes nothing and is accepted.
+`skip_special_tokens: true`) changes nothing and is accepted.
 
 Accepted without a row, as vLLM does:
 - fields neither API defines (ignored);
 - fields that change nothing in what is generated or returned: `user`, `metadata`,
-  `prompt_cache_key`, `safety_identifier`, `parallel_tool_calls` (no tools run anyway);
+  `prompt_cache_key`, `safety_identifier`;
 - modifiers of a refused feature, which change nothing alone: `length_penalty` (beam
   search), `spaces_between_special_tokens` (`skip_special_tokens: false`),
-  `guided_decoding_backend` and `guided_whitespace_pattern` (guided decoding),
+  `guided_decoding_backend` and `guided_whitespace_pattern` (the server's grammar
+  engine and whitespace rule apply),
   `include_reasoning`, `mm_processor_kwargs`.
 
 To support a field, implement it and delete its row.
@@ -63,8 +64,8 @@ class Unsupported:
         )
 
 
-_TOOLS = "tool calling is not implemented yet"
-_STRUCTURED = "structured output is not implemented yet"
+_TOOLS = "the deprecated functions API; send `tools` and `tool_choice`"
+_STRUCTURED = "structural tags are not implemented; use `structured_outputs`"
 _TEMPLATE = "the server's chat template is the only one used"
 _LAST_USAGE = "usage comes once, in the last chunk (stream_options.include_usage)"
 
@@ -74,9 +75,6 @@ UNSUPPORTED_FIELDS: tuple[Unsupported, ...] = (
     Unsupported("best_of", (1,), GENERATE, "one sequence per request"),
     Unsupported("echo", (False,), CHAT, "chat does not echo the last message"),
     Unsupported("suffix", ("",), COMPLETION, "no fill-in-the-middle"),
-    Unsupported("response_format", ({"type": "text"},), GENERATE, _STRUCTURED),
-    Unsupported("tools", ([],), TEMPLATE, _TOOLS),
-    Unsupported("tool_choice", ("none",), CHAT, _TOOLS),
     Unsupported("functions", ([],), CHAT, _TOOLS),
     Unsupported("function_call", ("none",), CHAT, _TOOLS),
     Unsupported("reasoning_effort", (), CHAT, "the model does not reason"),
@@ -95,12 +93,7 @@ UNSUPPORTED_FIELDS: tuple[Unsupported, ...] = (
     Unsupported("skip_special_tokens", (True,), GENERATE, "special tokens are always skipped"),
     Unsupported("truncate_prompt_tokens", (), GENERATE, "prompts are never truncated"),
     Unsupported("use_beam_search", (False,), GENERATE, "no beam search"),
-    Unsupported("guided_json", (), GENERATE, _STRUCTURED),
-    Unsupported("guided_regex", (), GENERATE, _STRUCTURED),
-    Unsupported("guided_choice", (), GENERATE, _STRUCTURED),
-    Unsupported("guided_grammar", (), GENERATE, _STRUCTURED),
     Unsupported("structural_tag", (), GENERATE, _STRUCTURED),
-    Unsupported("structured_outputs", (), GENERATE, _STRUCTURED),
     Unsupported("logits_processors", ([],), GENERATE, "no custom logits processors"),
     Unsupported("return_token_ids", (False,), GENERATE, "token ids are not returned"),
     Unsupported("prompt_embeds", (), COMPLETION, "prompts are text or token ids"),
@@ -115,12 +108,11 @@ UNSUPPORTED_FIELDS: tuple[Unsupported, ...] = (
     Unsupported("chat_template_kwargs", ({},), TEMPLATE, _TEMPLATE),
 )
 
-# In chat history: what only tool calling produces (fields of assistant messages, roles).
+# In chat history: what only the deprecated functions API produces.
 UNSUPPORTED_MESSAGE_FIELDS: tuple[Unsupported, ...] = (
-    Unsupported("tool_calls", ([],), TEMPLATE, _TOOLS),
     Unsupported("function_call", (), TEMPLATE, _TOOLS),
 )
-UNSUPPORTED_ROLES = ("tool", "function")
+UNSUPPORTED_ROLES = ("function",)
 
 
 def check_unsupported(body: dict, api: Api) -> None:
@@ -142,7 +134,7 @@ def _check_messages(messages: Any) -> None:
         if message.get("role") in UNSUPPORTED_ROLES:
             raise BadRequest(
                 f"`messages.{i}.role` = {_show(message['role'])} is not supported by this "
-                f"server ({_TOOLS}); send the conversation without tool results",
+                f"server ({_TOOLS}); send results as `tool` messages",
                 param=f"messages.{i}.role",
             )
         for row in UNSUPPORTED_MESSAGE_FIELDS:
@@ -150,7 +142,7 @@ def _check_messages(messages: Any) -> None:
             if not row.is_unused(value):
                 raise BadRequest(
                     f"`messages.{i}.{row.field}` is not supported by this server ({row.why}); "
-                    "send the conversation without tool calls",
+                    "send calls as `tool_calls`",
                     param=f"messages.{i}.{row.field}",
                 )
 

@@ -315,6 +315,8 @@ class LLMEngine:
             seq.output_token_ids.append(token)
             new.append(token)
             reason = self._finish_reason(seq, token)
+            if reason is None and seq.grammar is not None and seq.grammar.advance(token):
+                reason = FinishReason.STOP  # the structured output is complete
             if reason is not None:
                 break
         seq.num_computed_tokens += num_input_tokens + len(new) - 1

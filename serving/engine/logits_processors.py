@@ -7,6 +7,10 @@ A row is one position to sample: the next one of a sequence after its tokens plu
 per sequence, row j after the first j drafted tokens, which count as output there (a
 penalty or a bad word sees them as the plain sampler would once they are accepted).
 
+Structured output's grammar masks come first (`serving.structured.engine_grammar`), as
+in vLLM, where the grammar bitmask is applied before the sampler's processors; a forbidden
+token stays -inf whatever comes after.
+
 Rows whose request adjusts nothing cost nothing: each processor first selects the rows
 that use it and returns at once when there are none.
 """
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from serving.engine.sequence import Sequence
+from serving.structured.engine_grammar import mask_rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +45,7 @@ def speculative_rows(seq: Sequence, draft: list[int]) -> list[Row]:
 
 def process(logits: torch.Tensor, rows: list[Row], eos_ids: tuple[int, ...]) -> None:
     """`logits [len(rows), vocab]`, in place: every request-dependent adjustment."""
+    mask_rows(logits, rows)  # structured output's grammar masks (nothing when none is)
     ban_stops(logits, rows, eos_ids)
     if not any(r.seq.params.adjusts_logits for r in rows):
         return  # the fast path: no penalty, bias or bad word anywhere in the batch

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from serving.structured.spec import StructuredSpec
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -33,6 +35,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token but the first
     # Staged-KV profile for this request (None: the engine's current one).
     kv_profile: str | None = None
+    # Structured output: what the output must match (None: unconstrained). Each engine
+    # compiles it through its own grammar cache (`serving.structured.engine_grammar`).
+    structured: StructuredSpec | None = None
 
     @property
     def greedy(self) -> bool:

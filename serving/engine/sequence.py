@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from serving.engine.logprobs import TokenLogprobs
 from serving.engine.sampling_params import SamplingParams
 from serving.kv.block_format import KVPayload
+
+if TYPE_CHECKING:
+    from serving.structured.engine_grammar import GrammarState
 
 
 class SeqStatus(enum.Enum):
@@ -46,6 +50,9 @@ class Sequence:
     # Logprobs of prompt tokens 1.. gathered over the prompt's chunks (params.prompt_logprobs),
     # handed out with the first output token.
     prompt_logprobs: list[TokenLogprobs] | None = None
+    # Structured output (params.structured): the grammar's state after the output tokens,
+    # set by the replica before the engine sees the sequence.
+    grammar: GrammarState | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -31,6 +31,7 @@ from serving.engine.logprobs import pick, raw_logprobs
 from serving.engine.sampler import distributions, seeded_generator
 from serving.engine.scheduler import SchedulerOutput, blocks_for
 from serving.engine.sequence import Sequence
+from serving.spec.constrained import constrain_drafts
 from serving.spec.forward import make_metadata, run_layers
 from serving.spec.proposer import Drafts, Proposer, newest_token
 from serving.spec.stats import SpecStats
@@ -87,7 +88,8 @@ class SpecDecodeStep:
         if not any(ks):
             self._trim(seqs)
             return None
-        drafts = self.proposer.propose(seqs, ks)
+        # a constrained sequence's draft ends before its first token the grammar forbids
+        drafts = constrain_drafts(seqs, self.proposer.propose(seqs, ks))
         if not any(drafts.tokens):  # e.g. no n-gram matched anywhere
             self._trim(seqs)
             return None

@@ -19,7 +19,6 @@ COMPLETIONS = "/v1/completions"
 USER = {"role": "user", "content": "Say hi."}
 GOOD_CHAT = {"model": MODEL, "messages": [USER], "max_tokens": 4}
 GOOD_COMPLETION = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4}
-TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
 
 
 def _error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
@@ -72,7 +71,8 @@ def test_tokenize_messages_counts_the_chat_prompt(app) -> None:
     [
         ("/tokenize", {"model": "gpt-17", "prompt": "x"}, 404, "model"),
         ("/tokenize", {"model": MODEL}, 400, "prompt"),
-        ("/tokenize", {"messages": [USER], "tools": TOOLS}, 400, "tools"),
+        ("/tokenize", {"messages": [USER], "tools": [{"type": "function"}]}, 400,
+         "tools.0.function"),
         ("/detokenize", {"model": "gpt-17", "tokens": [1]}, 404, "model"),
         ("/detokenize", {"tokens": [10**9]}, 400, "tokens"),
         ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
@@ -121,19 +121,19 @@ def test_version(app) -> None:
          "return_tokens_as_token_ids"),
         (COMPLETIONS, {"prompt_logprobs": 1}, "prompt_logprobs"),
         (COMPLETIONS, {"logprobs": 21}, "logprobs"),
-        (CHAT, {"tools": TOOLS}, "tools"),
-        (CHAT, {"tool_choice": "auto"}, "tool_choice"),
-        (CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+        (CHAT, {"functions": [{"name": "f", "parameters": {}}]}, "functions"),
+        (CHAT, {"tool_choice": "auto"}, "tool_choice"),  # without tools
+        (CHAT, {"response_format": {"type": "yaml"}}, "response_format"),
         (CHAT, {"best_of": 2}, "best_of"),
-        (CHAT, {"guided_json": {"type": "object"}}, "guided_json"),
-        (CHAT, {"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+        (CHAT, {"structural_tag": "{}"}, "structural_tag"),
+        (CHAT, {"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
         (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}},
          "stream_options.continuous_usage_stats"),
         (COMPLETIONS, {"n": 3}, "n"),
         (COMPLETIONS, {"best_of": 2}, "best_of"),
         (COMPLETIONS, {"suffix": " The end."}, "suffix"),
-        (COMPLETIONS, {"response_format": {"type": "json_object"}}, "response_format"),
-        (COMPLETIONS, {"guided_regex": "[0-9]+"}, "guided_regex"),
+        (COMPLETIONS, {"response_format": {"type": "json_schema"}}, "response_format"),
+        (COMPLETIONS, {"guided_regex": "[0-9"}, "guided_regex"),
     ],
 )  # fmt: skip
 def test_an_unsupported_field_is_a_400_naming_it(app, path, extra, param) -> None:
@@ -146,17 +146,13 @@ def test_an_unsupported_field_is_a_400_naming_it(app, path, extra, param) -> Non
 @pytest.mark.parametrize(
     "message, param",
     [
-        ({"role": "tool", "tool_call_id": "call_1", "content": "sunny"}, "messages.2.role"),
-        (
-            {"role": "assistant", "content": None, "tool_calls": [{
-                "id": "call_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": "{}"},
-            }]},
-            "messages.2.tool_calls",
-        ),
+        ({"role": "function", "name": "get_weather", "content": "sunny"}, "messages.2.role"),
+        ({"role": "assistant", "content": None,
+          "function_call": {"name": "get_weather", "arguments": "{}"}},
+         "messages.2.function_call"),
     ],
 )  # fmt: skip
-def test_tool_history_is_a_400_naming_the_message(app, message, param) -> None:
+def test_deprecated_function_history_is_a_400_naming_the_message(app, message, param) -> None:
     messages = [USER, {"role": "assistant", "content": "Hi!"}, message, USER]
     with app.http() as h:
         _error(h.post(CHAT, json=GOOD_CHAT | {"messages": messages}), 400, param)
@@ -165,11 +161,16 @@ def test_tool_history_is_a_400_naming_the_message(app, message, param) -> None:
 def test_the_openai_client_sees_the_refusal(app) -> None:
     client = app.client()
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=[USER], max_tokens=4, tools=TOOLS)
-    assert e.value.body["param"] == "tools" and "tools" in e.value.body["message"]
+        client.chat.completions.create(
+            model=MODEL, messages=[USER], max_tokens=4, functions=[{"name": "f"}]
+        )
+    assert e.value.body["param"] == "functions" and "functions" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(
-            model=MODEL, messages=[USER], max_tokens=4, response_format={"type": "json_object"}
+            model=MODEL,
+            messages=[USER],
+            max_tokens=4,
+            response_format={"type": "json_schema", "json_schema": {"name": "x"}},
         )
     assert e.value.body["param"] == "response_format"
 
@@ -187,7 +188,7 @@ def test_default_values_a_client_sends_are_accepted(app) -> None:
         logit_bias={},
         tool_choice="none",
         response_format={"type": "text"},
-        parallel_tool_calls=False,  # ignored: no tools run
+        parallel_tool_calls=False,  # no tools: nothing to call
         user="someone",
         extra_body={
             "repetition_penalty": 1.0,

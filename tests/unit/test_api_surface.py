@@ -27,9 +27,6 @@ USED: dict[str, Any] = {
     "best_of": 3,
     "echo": True,
     "suffix": "end",
-    "response_format": {"type": "json_object"},
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
-    "tool_choice": "auto",
     "functions": [{"name": "f"}],
     "function_call": "auto",
     "reasoning_effort": "low",
@@ -47,12 +44,7 @@ USED: dict[str, Any] = {
     "skip_special_tokens": False,
     "truncate_prompt_tokens": 10,
     "use_beam_search": True,
-    "guided_json": {"type": "object"},
-    "guided_regex": "a+",
-    "guided_choice": ["a", "b"],
-    "guided_grammar": "root ::= 'a'",
     "structural_tag": "{}",
-    "structured_outputs": {"json": {"type": "object"}},
     "logits_processors": ["my.Processor"],
     "return_token_ids": True,
     "prompt_embeds": "AAAA",
@@ -130,8 +122,11 @@ def test_json_true_is_not_1_nor_false_0() -> None:
     check_unsupported({"n": 1.0, "presence_penalty": 0.0, "min_p": 0}, Api.CHAT)
 
 
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+
+
 def test_fields_only_one_api_defines_are_ignored_by_the_other() -> None:
-    check_unsupported({"prompt": "x", "tools": USED["tools"]}, Api.COMPLETION)
+    check_unsupported({"prompt": "x", "functions": USED["functions"]}, Api.COMPLETION)
     check_unsupported({"messages": [USER], "suffix": "x"}, Api.CHAT)
 
 
@@ -158,18 +153,14 @@ def test_a_client_librarys_defaults_are_accepted(tokenizer, model) -> None:
 @pytest.mark.parametrize(
     "message, param",
     [
-        ({"role": "tool", "tool_call_id": "c1", "content": "42"}, "messages.1.role"),
-        (
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-            ]},
-            "messages.1.tool_calls",
-        ),
+        ({"role": "function", "name": "f", "content": "42"}, "messages.1.role"),
         ({"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}},
          "messages.1.function_call"),
     ],
 )  # fmt: skip
-def test_tool_history_is_refused_not_flattened(message: dict, param: str, tokenizer, model):
+def test_deprecated_function_history_is_refused_not_flattened(
+    message: dict, param: str, tokenizer, model
+):
     body = _base(Api.CHAT) | {"messages": [USER, message]}
     for call in (
         lambda: prepare(body, True, tokenizer, model),
@@ -243,7 +234,7 @@ def test_add_special_tokens_is_passed_to_the_tokenizer(tokenizer, model) -> None
         ({"prompt": "a", "messages": [USER]}, "prompt"),
         ({"prompt": 5}, "prompt"),
         ({"messages": []}, "messages"),
-        ({"messages": [USER], "tools": USED["tools"]}, "tools"),
+        ({"messages": [USER], "tools": [{"type": "function"}]}, "tools.0.function"),
         ({"messages": [USER], "chat_template": "{{ x }}"}, "chat_template"),
         ({"messages": [USER], "continue_final_message": True}, "continue_final_message"),
     ],
