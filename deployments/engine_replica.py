@@ -167,7 +167,10 @@ class EngineReplica:
             exported.sizes,
         )
         self.metrics.kv_transfer_bytes.inc(payload.num_bytes)
-        await self.kv_store.put.remote(key, payload, self.replica_id, token_ids)
+        try:
+            await self.kv_store.put.remote(key, payload, self.replica_id, token_ids)
+        except RayError as e:  # the store is restarting: later prompts miss this prefix
+            logger.warning("kv_store unavailable, KV of %s not stored: %s", key, type(e).__name__)
         return payload
 
     async def _cached_prefix(self, prompt_token_ids: list[int]) -> KVPayload | None:
@@ -175,9 +178,13 @@ class EngineReplica:
         conversation, a shared system prompt), so the engine computes only the rest."""
         if not self.config.kv_cache.prefix_reuse:
             return None
-        stored = await self.kv_store.match_prefix.remote(
-            list(prompt_token_ids), self.config.kv_cache.block_size, self.replica_id
-        )
+        try:
+            stored = await self.kv_store.match_prefix.remote(
+                list(prompt_token_ids), self.config.kv_cache.block_size, self.replica_id
+            )
+        except RayError as e:  # the store is restarting: a lost store is a cache miss
+            logger.warning("kv_store unavailable, prefix not looked up: %s", type(e).__name__)
+            return None
         if stored is None:
             return None
         try:

@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ray.exceptions import RayActorError, RayError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.decode_mux import DecodeMux
@@ -90,10 +90,14 @@ class ResumableStream:
         queue = await self._mux.open(self.request.req_id, self.replica)
         try:
             error = await self._decode.submit.remote(self.request, replica_id=self.replica)
+        except RayTaskError as e:  # raised inside a live replica: it refused, it is not dead
+            # (checked first: a RayTaskError whose cause is another actor's RayActorError,
+            # e.g. the kv_store restarting, is also an instance of RayActorError)
+            raise ReplicaLost(f"decode could not start: {type(e).__name__}", dead=False) from e
         except RayActorError as e:
             reason = f"decode replica {self.replica} failed: {type(e).__name__}"
             raise ReplicaLost(reason, dead=True) from e
-        except RayError as e:  # raised inside a live replica (RayTaskError)
+        except RayError as e:
             reason = f"decode could not start: {type(e).__name__}"
             raise ReplicaLost(reason, dead=False) from e
         if error is not None:  # e.g. the prompt's KV is gone, or Serve routed elsewhere

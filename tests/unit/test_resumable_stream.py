@@ -213,3 +213,32 @@ def test_reroute_moves_the_assignment_without_counting_an_error() -> None:
     asyncio.run(actor.finished("r1"))
     assert actor.replicas[Role.DECODE][other.decode_replica].num_assigned == 0
     assert asyncio.run(actor.reroute("r2", None, other.decode_replica)) is None
+
+
+def test_an_error_raised_inside_a_live_replica_does_not_mark_it_lost() -> None:
+    """The kv_store restarting makes a live replica's submit raise a RayTaskError whose cause
+    is an ActorUnavailableError, which Ray makes an instance of RayActorError too: the replica
+    refused this once and stays in the scheduler's routing (seen in CI: the live replicas were
+    forgotten and no request succeeded for 120 s)."""
+    from ray.exceptions import ActorUnavailableError, RayTaskError
+
+    decode = FakeDecode(["d1"])
+    actor = _scheduler("d1")
+    real_submit = decode.submit.remote
+    failures = [1]
+
+    async def flaky_submit(req: DecodeRequest, replica_id: str) -> str | None:
+        if failures:
+            failures.pop()
+            cause = ActorUnavailableError("the kv_store is restarting", None)
+            raise RayTaskError("submit", "traceback", cause).as_instanceof_cause()
+        return await real_submit(req, replica_id)
+
+    decode.submit = _Remote(flaky_submit)
+
+    async def run() -> list[int]:
+        tokens, _ = await _read(_stream(decode, actor, "d1"), None, decode)
+        return tokens
+
+    assert asyncio.run(run()) == list(range(13, 25))
+    assert "d1" in actor.replicas[Role.DECODE]
