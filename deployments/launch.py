@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 
 import httpx
@@ -33,6 +35,15 @@ def start_ray(num_cpus: int | None = None) -> None:
     # benchmark client or a co-located vLLM would otherwise take the CPU from them.
     os.environ.setdefault("RAY_worker_niceness", "0")
     address = ray_address()
+    caller_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        _init_ray(address, num_cpus)
+    finally:  # ray.init replaced it with one that sys.exit()s (serving/stop_signal.py)
+        if callable(caller_sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, caller_sigterm)
+
+
+def _init_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         ray.init(address=address, namespace=NAMESPACE)
     else:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
 
 from serving.config import InferosConfig
 from serving.env import admin_token, api_key
+from serving.stop_signal import stop_on_signal
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -127,22 +127,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     print(f"starting Infer-OS Serve ({config.model.path or 'default model'}) ...", flush=True)
     try:
-        url = run_app(config)
-        print(
-            f"\nInfer-OS Serve is ready: {url}/v1  (OpenAI API; "
-            f"health: {url}/health, metrics: {url}/metrics)\n",
-            flush=True,
-        )
-        stop = False
-
-        def _stop(*_: object) -> None:
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        while not stop:
-            time.sleep(0.5)
+        with stop_on_signal():  # from here on, SIGTERM/SIGINT end the `with`, even mid-start
+            url = run_app(config)
+            print(
+                f"\nInfer-OS Serve is ready: {url}/v1  (OpenAI API; "
+                f"health: {url}/health, metrics: {url}/metrics)\n",
+                flush=True,
+            )
+            while True:
+                time.sleep(3600)
     finally:
         print("shutting down ...", flush=True)
         shutdown()
