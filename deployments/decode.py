@@ -127,6 +127,7 @@ class DecodeServer(EngineReplica):
         if replica_id is not None and replica_id != self.replica_id:
             return f"request for decode replica {replica_id} reached {self.replica_id}"
         seq = Sequence(req.req_id, list(req.prompt_token_ids), req.params)
+        seq.prompt_group, seq.group_size = req.prompt_group, req.group_size
         if req.resume_token_ids:  # its decode replica died: go on after what was streamed
             seq.output_token_ids = list(req.resume_token_ids)
             # the stored prompt KV (a prefill replica's, an earlier turn's) as a prefix

@@ -246,6 +246,7 @@ class EngineReplica:
             "num_waiting": self.engine.num_waiting,
             "kv_blocks_used": self.engine.block_pool.num_used_blocks,
             "kv_blocks_total": self.engine.config.num_blocks,
+            "kv_blocks_shared": self.engine.scheduler.num_shared_prompt_blocks,  # n > 1
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "kv_demotions": self.engine.staged.counters.demotions,

@@ -43,9 +43,17 @@ from serving.api.errors import (
 )
 from serving.api.http_errors import install_error_handlers, internal_error
 from serving.api.limits import Limits, RequestLimits
-from serving.api.prepare import ModelInfo, Prepared, PrepareOptions, check_model, prepare
+from serving.api.prepare import (
+    ModelInfo,
+    Prepared,
+    PrepareOptions,
+    check_model,
+    choices,
+    prepare,
+)
 from serving.api.protocol import parse_json_body, read_json_body
 from serving.api.responses import SSE_DONE, Usage, sse_error
+from serving.api.stream_merge import merge
 from serving.api.tokenize import detokenize, tokenize
 from serving.config import InferosConfig
 from serving.logging_setup import configure_logging
@@ -57,6 +65,8 @@ from serving.structured.spec import StructuredSpec
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# a started choice: its request, first token and the rest of its token stream
+ChoiceRun = tuple[Prepared, TokenDelta, AsyncIterator[TokenDelta]]
 HEALTH_TIMEOUT_S = 2.0
 try:
     VERSION = version("inferos-serve")  # GET /version, as vLLM's
@@ -151,9 +161,7 @@ class Ingress:
         def compile_check(spec: StructuredSpec) -> object:
             return grammar.get().cache.get(spec)
 
-        return PrepareOptions(
-            compile_check, tools.tool_call_parser, tools.enable_auto_tool_choice
-        )
+        return PrepareOptions(compile_check, tools.tool_call_parser, tools.enable_auto_tool_choice)
 
     async def check_health(self) -> None:
         if self.direct_http is not None:  # Serve's first check: the replica is ready
@@ -257,13 +265,34 @@ class Ingress:
         except BaseException:
             self._done()
             raise
-        events = self._generate(prepared, started)
-        first = await anext(events)  # routing/prefill errors surface as HTTP errors here
+        self._count_in(prepared.n - 1)  # every choice is counted out by its `_generate`
+        runs = await self._start_choices(prepared, started)
         if prepared.stream:
             return ClosingStreamingResponse(
-                self._sse(prepared, first, events, started), media_type="text/event-stream"
+                self._sse(prepared, runs, started), media_type="text/event-stream"
             )
-        return JSONResponse(await self._collect(prepared, first, events, started))
+        return JSONResponse(await self._collect(prepared, runs, started))
+
+    async def _start_choices(self, p: Prepared, started: float) -> list[ChoiceRun]:
+        """Start every choice (n > 1: on one decode replica, which computes the prompt once)
+        and wait for each one's first token: routing and prefill errors surface here, as
+        the HTTP status, with every choice that did start aborted."""
+        each = choices(p)
+        if len(each) > 1:  # one route for all: the prompt's KV is shared on one engine
+            for choice in each:
+                choice.session_id = p.session_id or p.req_id
+        streams = [self._generate(choice, started) for choice in each]
+        firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
+        failure = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if failure is not None:
+            for stream in streams:
+                await stream.aclose()
+            raise failure
+        return list(zip(each, firsts, streams, strict=True))  # type: ignore[arg-type]
+
+    def _count_in(self, n: int) -> None:
+        self.in_flight += n
+        self.metrics.in_flight.set(self.in_flight)
 
     def _done(self) -> None:
         self.in_flight -= 1
@@ -372,6 +401,8 @@ class Ingress:
             kv_key,
             self.subscriber_id,
             store_turn=hasattr(p.request, "messages"),
+            prompt_group=p.prompt_group,
+            group_size=p.group_size,
         )
         scheduling = self.config.scheduling
         return ResumableStream(
@@ -439,7 +470,8 @@ class Ingress:
             self.tokenizer, p.prompt_ids, p.params.stop, p.params.include_stop_str_in_output
         )
         usage = Usage(prompt_tokens=len(p.prompt_ids))
-        self.metrics.prompt_tokens.inc(usage.prompt_tokens)
+        if p.builder.index == 0:  # the choices of a request share its prompt
+            self.metrics.prompt_tokens.inc(usage.prompt_tokens)
         last = time.perf_counter()
         delta: TokenDelta | None = first
         while delta is not None:
@@ -465,52 +497,80 @@ class Ingress:
             delta = await anext(events, None)
         raise Unavailable("the decode stream ended early")
 
-    async def _collect(self, p: Prepared, first: TokenDelta, events, started: float) -> dict:
+    async def _collect(self, p: Prepared, runs: list[ChoiceRun], started: float) -> dict:
+        tasks = [asyncio.ensure_future(self._collect_choice(*run)) for run in runs]
+        try:
+            done = await asyncio.gather(*tasks)
+        finally:  # one choice failed (or the client left): the others are aborted
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for _, _, events in runs:
+                await events.aclose()
+        completion_tokens = sum(usage.completion_tokens for _, usage in done)
+        self.metrics.e2e.observe(time.perf_counter() - started)
+        return p.builder.response(
+            [choice for choice, _ in done], Usage(len(p.prompt_ids), completion_tokens)
+        )
+
+    async def _collect_choice(
+        self, p: Prepared, first: TokenDelta, events: AsyncIterator[TokenDelta]
+    ) -> tuple[dict, Usage]:
         parts: list[str] = []
         reason, usage = None, Usage(len(p.prompt_ids))
-        try:
-            async for text, step_reason, step_usage in self._run(p, first, events):
-                parts.append(text)
-                reason, usage = step_reason, step_usage
-        finally:
-            await events.aclose()
+        async for text, step_reason, step_usage in self._run(p, first, events):
+            parts.append(text)
+            reason, usage = step_reason, step_usage
         text: str | None = "".join(parts)
         tool_calls = None
         if p.tool_output is not None:  # the answer's tool calls, out of its text
             text, tool_calls, reason = p.tool_output.whole(text or "", reason)
         self.metrics.success(reason or "stop")
-        self.metrics.e2e.observe(time.perf_counter() - started)
-        return p.builder.full(text, reason, usage, self._take_logprobs(p), tool_calls)
+        return p.builder.choice(text, reason, self._take_logprobs(p), tool_calls), usage
 
-    async def _sse(
-        self, p: Prepared, first: TokenDelta, events, started: float
-    ) -> AsyncIterator[str]:
-        b = p.builder
+    async def _sse(self, p: Prepared, runs: list[ChoiceRun], started: float) -> AsyncIterator[str]:
+        usages = {c.builder.index: Usage(len(p.prompt_ids)) for c, _, _ in runs}
+        chunks = [self._choice_chunks(c, first, events, usages) for c, first, events in runs]
         try:
-            if b.chat:
-                yield b.chunk("", role=True)
-            usage = Usage(len(p.prompt_ids))
-            async for text, reason, step_usage in self._run(p, first, events):
-                usage = step_usage
-                if p.tool_output is not None:  # tool calls out of the text, as deltas
-                    chunks, reason = self._tool_chunks(p, text, reason)
-                    for chunk in chunks:
-                        yield chunk
-                elif text:
-                    yield b.chunk(text, logprobs=self._take_logprobs(p))
-                if reason is not None:
-                    yield b.chunk(None if b.chat else "", reason, logprobs=self._take_logprobs(p))
-                    self.metrics.success(reason)
+            async for chunk in chunks[0] if len(chunks) == 1 else merge(chunks):
+                yield chunk
             if p.include_usage:
-                yield b.usage_chunk(usage)
+                total = sum(u.completion_tokens for u in usages.values())
+                yield p.builder.usage_chunk(Usage(len(p.prompt_ids), total))
             self.metrics.e2e.observe(time.perf_counter() - started)
         except Exception as e:  # the status is sent already: the error goes in the stream
             err = e if isinstance(e, ServeError) else internal_error()
             self.metrics.error(err.http_status)
             yield sse_error(err.message, err.error_type, err.http_status)
         finally:
-            await events.aclose()
+            for chunk_stream in chunks:
+                await chunk_stream.aclose()
+            for _, _, events in runs:
+                await events.aclose()
         yield SSE_DONE
+
+    async def _choice_chunks(
+        self,
+        p: Prepared,
+        first: TokenDelta,
+        events: AsyncIterator[TokenDelta],
+        usages: dict[int, Usage],
+    ) -> AsyncIterator[str]:
+        """One choice's SSE chunks; its usage goes into `usages` at its index."""
+        b = p.builder
+        if b.chat:
+            yield b.chunk("", role=True)
+        async for text, reason, step_usage in self._run(p, first, events):
+            usages[b.index] = step_usage
+            if p.tool_output is not None:  # tool calls out of the text, as deltas
+                chunks, reason = self._tool_chunks(p, text, reason)
+                for chunk in chunks:
+                    yield chunk
+            elif text:
+                yield b.chunk(text, logprobs=self._take_logprobs(p))
+            if reason is not None:
+                yield b.chunk(None if b.chat else "", reason, logprobs=self._take_logprobs(p))
+                self.metrics.success(reason)
 
     def _tool_chunks(
         self, p: Prepared, text: str, reason: str | None

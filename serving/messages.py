@@ -59,6 +59,9 @@ class DecodeRequest:
     # received. The new replica prefills prompt + these (the stored prefix reused) and
     # continues after them, so the client sees one uninterrupted stream.
     resume_token_ids: list[int] = field(default_factory=list)
+    # n > 1: the request whose choices this is one of; they share the prompt's KV blocks
+    prompt_group: str | None = None
+    group_size: int = 1  # n: how many choices the group has
 
 
 # `TokenDelta.finish_reason` of the deltas that end a stream because its decode replica

@@ -25,6 +25,12 @@ class LogprobsRenderer:
         self._entries: list[tuple[int, TokenLogprobs | None]] = []  # not taken yet
         self._text_offset = 0  # completions: where the next token starts
 
+    def fresh(self) -> LogprobsRenderer:
+        """A renderer for another choice of the same request (the strings cache is shared)."""
+        other = LogprobsRenderer(self.tokenizer, self.chat)
+        other._strings = self._strings
+        return other
+
     def token_string(self, token_id: int) -> str:
         s = self._strings.get(token_id)
         if s is None:

@@ -37,6 +37,7 @@ from serving.engine.sampling_params import SamplingParams
 from serving.structured.spec import StructuredSpec
 
 MAX_ECHOED_CHARS = 64  # of a client's string quoted back in an error message
+MAX_CHOICES = 32  # n: each choice is a sequence in the engine's batch
 MAX_LOGIT_BIAS = 100.0  # biases are clamped to ±this, as OpenAI and vLLM do
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
@@ -100,6 +101,10 @@ class Prepared:
     logprobs: LogprobsRenderer | None = None  # set where the request asks for logprobs
     echo_text: str | None = None  # completions with `echo`: the prompt, before the answer
     tool_output: ToolOutput | None = None  # chat with tools (not tool_choice none)
+    n: int = 1  # choices; `choices()` makes one Prepared per choice
+    # the choices of one request share the prompt's KV on their engine (its request id)
+    prompt_group: str | None = None
+    group_size: int = 1  # the request's n, on each of its choices
 
 
 def prepare(
@@ -140,6 +145,9 @@ def prepare(
             echo_text = prompt if isinstance(prompt, str) else tokenizer.decode(prompt)
     if not prompt_ids:
         raise BadRequest("the prompt is empty", param="prompt")
+    n = req.n or 1
+    if n > MAX_CHOICES:
+        raise BadRequest(f"n is {n}; at most {MAX_CHOICES} choices per request", param="n")
     max_tokens = check_context(len(prompt_ids), requested, model.max_model_len, chat)
     # The response id is the request id everywhere (logs, kv_store keys), as in vLLM.
     req_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -161,7 +169,33 @@ def prepare(
         logprobs=LogprobsRenderer(tokenizer, chat) if params.logprobs is not None else None,
         echo_text=echo_text,
         tool_output=ToolOutput(tools) if tools is not None and tools.mode != "none" else None,
+        n=n,
     )
+
+
+def choices(p: Prepared) -> list[Prepared]:
+    """One request per choice (n > 1), as vLLM v1 fans a request out: each has its own id
+    (`<id>-<index>`, the response keeps the request's), index, per-request state (logprobs,
+    tool-call reader) and, with a `seed`, seed + index, so the choices are reproducible and
+    differ; all of them name the request as their prompt group, so the engine computes the
+    prompt once and the choices share its KV blocks."""
+    if p.n == 1:
+        return [p]
+    seed = p.params.seed
+    return [
+        replace(
+            p,
+            req_id=f"{p.req_id}-{i}",
+            params=replace(p.params, seed=None if seed is None else seed + i),
+            builder=replace(p.builder, index=i),
+            logprobs=p.logprobs.fresh() if p.logprobs is not None else None,
+            tool_output=ToolOutput(p.tool_output.plan) if p.tool_output is not None else None,
+            n=1,
+            prompt_group=p.req_id,
+            group_size=p.n,
+        )
+        for i in range(p.n)
+    ]
 
 
 def output_constraint(

@@ -23,7 +23,7 @@ class StreamOptions(BaseModel):
 
 class _SamplingFields(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do, so new clients work.
-    # Fields we define but do not implement (n > 1, penalties, logprobs, ...) are typed here
+    # Fields we define but do not implement (best_of, suffix, ...) are typed here
     # and refused by `serving.api.unsupported` unless left at a value that changes nothing.
     model_config = ConfigDict(extra="ignore")
 

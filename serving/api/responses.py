@@ -24,12 +24,13 @@ class Usage:
 
 @dataclass(slots=True)
 class ResponseBuilder:
-    """Shapes one request's output as a completion or a chat completion."""
+    """Shapes one request's output (one of its choices) as a completion or a chat completion."""
 
     request_id: str
     model: str
     chat: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    index: int = 0  # of the choice this builder shapes (n > 1: one builder per choice)
 
     def _envelope(self, stream: bool) -> dict:
         if self.chat:
@@ -46,24 +47,36 @@ class ResponseBuilder:
         logprobs: dict | None = None,
         tool_calls: list[dict] | None = None,
     ) -> dict:
+        return self.response([self.choice(text, finish_reason, logprobs, tool_calls)], usage)
+
+    def response(self, choices: list[dict], usage: Usage) -> dict:
+        """The whole (non-streamed) response: one choice per `n`, in index order."""
+        choices = sorted(choices, key=lambda c: c["index"])
+        return self._envelope(False) | {"choices": choices, "usage": usage.as_dict()}
+
+    def choice(
+        self,
+        text: str | None,
+        finish_reason: str | None,
+        logprobs: dict | None = None,
+        tool_calls: list[dict] | None = None,
+    ) -> dict:
         if self.chat:
             message: dict = {"role": "assistant", "content": text}
             if tool_calls:
                 message["tool_calls"] = tool_calls
-            choice = {
-                "index": 0,
+            return {
+                "index": self.index,
                 "message": message,
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }
-        return self._envelope(False) | {"choices": [choice], "usage": usage.as_dict()}
+        return {
+            "index": self.index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
 
     def chunk(
         self,
@@ -82,14 +95,14 @@ class ResponseBuilder:
             if tool_calls:
                 delta["tool_calls"] = tool_calls
             choice = {
-                "index": 0,
+                "index": self.index,
                 "delta": delta,
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }
         else:
             choice = {
-                "index": 0,
+                "index": self.index,
                 "text": text or "",
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,

@@ -71,8 +71,7 @@ _LAST_USAGE = "usage comes once, in the last chunk (stream_options.include_usage
 
 UNSUPPORTED_FIELDS: tuple[Unsupported, ...] = (
     # OpenAI
-    Unsupported("n", (1,), GENERATE, "one choice per request; send n requests"),
-    Unsupported("best_of", (1,), GENERATE, "one sequence per request"),
+    Unsupported("best_of", (1,), GENERATE, "as vLLM v1: send n and pick among the choices"),
     Unsupported("echo", (False,), CHAT, "chat does not echo the last message"),
     Unsupported("suffix", ("",), COMPLETION, "no fill-in-the-middle"),
     Unsupported("functions", ([],), CHAT, _TOOLS),

@@ -13,7 +13,9 @@ class NoFreeBlocks(RuntimeError):
 
 
 class BlockPool:
-    """Hands out block ids `0..num_blocks-1`; a block belongs to exactly one sequence."""
+    """Hands out block ids `0..num_blocks-1`. A block belongs to one sequence, or to several
+    once `share`d (the full prompt blocks of a request's n choices): reference-counted, it
+    returns to the free list when its last owner frees it."""
 
     def __init__(self, num_blocks: int, block_bytes: int = 0):
         if num_blocks <= 0:
@@ -24,6 +26,8 @@ class BlockPool:
         # A stack, lowest id on top: recently freed blocks are reused first, so the pages
         # of a big, mostly idle pool are never touched (and never resident).
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        # owners beyond the first, of shared blocks only (the common case costs nothing)
+        self._extra_owners: dict[int, int] = {}
 
     @property
     def budget_bytes(self) -> int:
@@ -59,5 +63,26 @@ class BlockPool:
             raise NoFreeBlocks(f"need {n} KV blocks, {self.num_free_blocks} free")
         return [self._free.pop() for _ in range(n)]
 
+    def share(self, blocks: list[int]) -> list[int]:
+        """One more owner for each of `blocks` (already allocated); returns them."""
+        for b in blocks:
+            self._extra_owners[b] = self._extra_owners.get(b, 0) + 1
+        return list(blocks)
+
+    def num_owners(self, block: int) -> int:
+        return 1 + self._extra_owners.get(block, 0)
+
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(b for b in reversed(blocks) if b >= 0)
+        if not self._extra_owners:
+            self._free.extend(b for b in reversed(blocks) if b >= 0)
+            return
+        for b in reversed(blocks):
+            if b < 0:
+                continue
+            owners = self._extra_owners.get(b, 0)
+            if owners == 0:
+                self._free.append(b)
+            elif owners == 1:
+                del self._extra_owners[b]
+            else:
+                self._extra_owners[b] = owners - 1

@@ -113,6 +113,7 @@ class LLMEngine:
             on_admit=self._import,
             on_release=self.staged.release,
             relieve=self.staged.relieve,
+            copy_block=self._copy_block,
             # a runner states it takes decode rows and prompt chunks in one forward pass
             chunked_prefill=config.chunked_prefill
             and getattr(self.runner, "supports_mixed_batches", False),
@@ -255,6 +256,10 @@ class LLMEngine:
         self.spec.observe(batch, outputs, duration)
         self.last_step = StepStats(len(batch.seqs), self.spec.last_num_tokens, False, duration)
         return outputs
+
+    def _copy_block(self, src: int, dst: int) -> None:
+        kv = self.runner.kv_cache  # [layers, 2, blocks, block_size, kv_heads, head_dim]
+        kv[:, :, dst].copy_(kv[:, :, src])
 
     def _import(self, seq: Sequence) -> None:
         assert seq.kv_import is not None

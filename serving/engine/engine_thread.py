@@ -19,6 +19,7 @@ from serving.engine.engine import LLMEngine, StepOutput, StepStats
 from serving.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+HELD_POLL_S = 0.005  # re-check of sequences held back while nothing runs
 
 OutputsCallback = Callable[[list[StepOutput]], None]
 
@@ -123,6 +124,9 @@ class EngineThread:
                 self._on_step(self.engine.last_step)
             if outputs:
                 self._loop.call_soon_threadsafe(self._on_outputs, outputs)
+            elif self.engine.num_running == 0:  # only waiting ones (the choices of a request
+                self._wake.wait(HELD_POLL_S)  # wait for each other): no busy loop
+                self._wake.clear()
 
     def _fail_all(self, message: str) -> list[StepOutput]:
         assert self.engine is not None

@@ -72,10 +72,18 @@ def seeded_generator(seq: Sequence) -> torch.Generator | None:
     """The generator of `seq`'s next draw: None (the global RNG) without a seed; else
     seeded by the seed and the position, so a draw does not depend on the batch or on
     which replica makes it."""
+    return position_generator(seq, 0)
+
+
+def position_generator(seq: Sequence, ahead: int) -> torch.Generator | None:
+    """The generator of the draw `ahead` tokens after `seq`'s next one (speculative
+    verification draws at several positions in one step): the draw plain decoding makes
+    there, whatever was drafted."""
     seed = seq.params.seed
     if seed is None:
         return None
-    return torch.Generator().manual_seed((seed * _POSITION_STRIDE + seq.num_tokens) % (2**63))
+    position = seq.num_tokens + ahead
+    return torch.Generator().manual_seed((seed * _POSITION_STRIDE + position) % (2**63))
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...]) -> list[int]:

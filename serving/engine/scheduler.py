@@ -12,12 +12,16 @@ admitted sequence is preempted and later recomputed.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.engine.block_pool import BlockPool
 from serving.engine.sequence import SeqStatus, Sequence
+
+GROUP_WAIT_S = 0.5  # the longest the choices of one request wait for each other
+_COMPUTING = object()  # `_prompt_source`: a sibling is computing the shared prompt
 
 
 @dataclass(slots=True)
@@ -50,6 +54,7 @@ class BatchScheduler:
         on_release: Callable[[Sequence], None] = lambda seq: None,
         relieve: Callable[[list[Sequence], int], bool] = lambda seqs, n: False,
         chunked_prefill: bool = False,
+        copy_block: Callable[[int, int], None] = lambda src, dst: None,
     ):
         self.pool = block_pool
         self.chunked_prefill = chunked_prefill
@@ -61,6 +66,8 @@ class BatchScheduler:
         # Staged KV: demote running sequences' older blocks to make `n` blocks fit, before
         # anything is preempted or refused.
         self.relieve = relieve
+        self.copy_block = copy_block  # KV of pool block src into dst (copy-on-write)
+        self.num_shared_prompt_blocks = 0  # blocks a choice shared instead of computing
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
 
@@ -95,9 +102,15 @@ class BatchScheduler:
         self.on_release(seq)
 
     def _admit_waiting(self) -> None:
+        held: list[Sequence] = []  # choices waiting for a sibling to compute their prompt
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            needed = blocks_for(seq.num_tokens, self.block_size)
+            source = self._prompt_source(seq)
+            if source is _COMPUTING or self._group_incomplete(seq, held):
+                held.append(self.waiting.popleft())
+                continue
+            shared = source.block_table[: self._num_shared_blocks(seq)] if source else []
+            needed = blocks_for(seq.num_tokens, self.block_size) - len(shared)
             # Keep one spare block per running sequence so admissions don't force preemptions.
             if not self.pool.can_allocate(needed + len(self.running)):
                 self.relieve(self.running, needed + len(self.running))
@@ -105,14 +118,73 @@ class BatchScheduler:
                 if self.running or not self.pool.can_allocate(needed):
                     break
             self.waiting.popleft()
-            seq.block_table = self.pool.allocate(needed)
+            seq.block_table = self.pool.share(shared) + self.pool.allocate(needed)
             seq.num_computed_tokens = 0
-            if seq.kv_import is not None:
+            if source is not None:
+                self.num_shared_prompt_blocks += len(shared)
+                self._copy_partial_prompt_block(source, seq)
+            elif seq.kv_import is not None:
                 self.on_admit(seq)
                 seq.num_computed_tokens = seq.kv_import.num_tokens
                 seq.kv_import = None
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+        self.waiting.extendleft(reversed(held))
+
+    # --- n > 1: the choices of one request share its prompt's KV --------------------------
+    def _prompt_source(self, seq: Sequence) -> Sequence | object | None:
+        """The running sibling whose computed prompt `seq` can share, `_COMPUTING` while
+        one is still computing it (`seq` waits: computing it twice is the waste to avoid),
+        or None (`seq` computes its prompt itself)."""
+        if (
+            seq.prompt_group is None
+            or seq.kv_import is not None
+            or seq.output_token_ids
+            or seq.params.prompt_logprobs is not None  # a shared prefix has no logits
+            or len(seq.prompt_token_ids) < 2
+        ):
+            return None
+        last = len(seq.prompt_token_ids) - 1  # each choice computes it: its own first token
+        computing = False
+        for other in self.running:
+            if other.prompt_group != seq.prompt_group:
+                continue
+            if other.prompt_token_ids != seq.prompt_token_ids:
+                continue
+            if any(b < 0 for b in other.block_table[: self._num_shared_blocks(seq) + 1]):
+                continue  # demoted by staged KV: not in the pool to share
+            if other.num_computed_tokens >= last:
+                return other
+            computing = True
+        return _COMPUTING if computing else None
+
+    def _group_incomplete(self, seq: Sequence, held: list[Sequence]) -> bool:
+        """Whether `seq` waits for the other choices of its request to arrive (they come
+        in separate calls, milliseconds apart): admitted together, the choices run in the
+        same batches run after run, so a seeded request gives the same choices again (the
+        numerics of a step depend on its batch size); never longer than GROUP_WAIT_S."""
+        if seq.group_size <= 1 or seq.prompt_group is None:
+            return False
+        if time.monotonic() - seq.arrival_time > GROUP_WAIT_S:
+            return False
+        group = seq.prompt_group
+        members = (*self.waiting, *self.running, *held)
+        return sum(s.prompt_group == group for s in members) < seq.group_size
+
+    def _num_shared_blocks(self, seq: Sequence) -> int:
+        """Full blocks before the prompt's last token: never written again by anyone."""
+        return (len(seq.prompt_token_ids) - 1) // self.block_size
+
+    def _copy_partial_prompt_block(self, source: Sequence, seq: Sequence) -> None:
+        """Copy-on-write at the first block the choices write differently: the prompt's
+        last block (its last token and the choice's own tokens go there) is `seq`'s own,
+        holding a copy of what `source` computed of it; `seq` then computes only the prompt's
+        last token, whose logits give it its own first token."""
+        last = len(seq.prompt_token_ids) - 1
+        k = self._num_shared_blocks(seq)
+        if last > k * self.block_size:  # the block holds computed prompt tokens: copy them
+            self.copy_block(source.block_table[k], seq.block_table[k])
+        seq.num_computed_tokens = last
 
     def _preempt_last(self) -> Sequence:
         victim = self.running.pop()

@@ -53,6 +53,10 @@ class Sequence:
     # Structured output (params.structured): the grammar's state after the output tokens,
     # set by the replica before the engine sees the sequence.
     grammar: GrammarState | None = None
+    # The choices of one request with n > 1 (same prompt) share a group: the first to be
+    # admitted computes the prompt, the others share its full prompt blocks.
+    prompt_group: str | None = None
+    group_size: int = 1  # the request's n
 
     @property
     def num_tokens(self) -> int:

@@ -10,11 +10,13 @@ machine that cannot build logs one warning and callers keep their torch path.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import platform
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,6 +75,16 @@ def _build(name: str) -> None:
 
     directory = build_directory(name)
     directory.mkdir(parents=True, exist_ok=True)
+    # torch's own build lock is a file that a killed build (Ctrl-C, SIGTERM of a replica
+    # mid-start) leaves behind, and every later build then waits on it forever; an OS lock
+    # dies with its process, and whoever holds it may remove a stale torch lock.
+    with (directory / "inferos.flock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        _load(name, directory, cpp_extension)
+
+
+def _load(name: str, directory: Path, cpp_extension: Any) -> None:
     cpp_extension.load(
         name=f"inferos_{name}",
         sources=[str(CSRC / f"{name}.cpp")],

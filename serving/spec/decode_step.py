@@ -28,7 +28,7 @@ import torch
 
 from policies.speculation import SpecController, SpecGate
 from serving.engine.logprobs import pick, raw_logprobs
-from serving.engine.sampler import distributions, seeded_generator
+from serving.engine.sampler import distributions, position_generator, seeded_generator
 from serving.engine.scheduler import SchedulerOutput, blocks_for
 from serving.engine.sequence import Sequence
 from serving.spec.constrained import constrain_drafts
@@ -178,12 +178,15 @@ class SpecDecodeStep:
             # the plain sampler's distribution at each of the n positions, row j after
             # draft[:j] (penalties, bad words and min_tokens count those as output)
             probs = distributions(rows, seq, engine.eos_token_ids, draft)
+            seeded = seq.params.seed is not None and not seq.params.greedy
             result = verify(
                 probs,
                 None,
                 torch.tensor(draft, dtype=torch.long),
                 seeded_generator(seq),
                 seq.params.greedy,
+                # a seeded request draws what plain decoding draws: reproducible
+                [position_generator(seq, i) for i in range(n)] if seeded else None,  # type: ignore[misc]
             )
             if draft:
                 self._controller(seq).update(len(draft), result.num_accepted_drafts)

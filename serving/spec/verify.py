@@ -28,6 +28,7 @@ def verify(
     draft_tokens: torch.Tensor,
     generator: torch.Generator | None,
     greedy: bool,
+    position_generators: list[torch.Generator] | None = None,
 ) -> VerifyResult:
     """Decide which drafted tokens to keep for ONE sequence and emit 1..k+1 tokens.
 
@@ -73,6 +74,8 @@ def verify(
                 return VerifyResult(drafts[:i] + [best[i]], i)
         return VerifyResult(drafts + [best[k]], k)
 
+    if position_generators is not None:
+        return _verify_coupled(target_probs, drafts, position_generators)
     # One uniform per drafted position, drawn up front: same generator consumption whatever
     # gets accepted keeps seeded runs easy to reason about.
     uniforms = torch.rand(k, generator=generator, dtype=torch.float64).tolist()
@@ -93,3 +96,24 @@ def verify(
             residual = p
         return VerifyResult(drafts[:i] + [_draw(residual, generator)], i)
     return VerifyResult(drafts + [_draw(target_probs[k], generator)], k)
+
+
+def _verify_coupled(
+    target_probs: torch.Tensor, drafts: list[int], generators: list[torch.Generator]
+) -> VerifyResult:
+    """A seeded request: at each position draw the token plain decoding draws there (its
+    seeded generator, the same distribution), keep the draft while it equals that draw,
+    emit the draw at the first difference. Every emitted token is the target's own sample,
+    so the output follows p exactly, and it is the output of plain decoding with that seed,
+    whatever was drafted and whether the step speculated at all (the speculation gate
+    decides on measured times): a seeded request is reproducible. A drafted x is kept with
+    probability p(x), as under the rejection rule for a deterministic draft; a draft model's
+    q would be kept less often than under that rule (speed only, never the output)."""
+    k = len(drafts)
+    if len(generators) != k + 1:
+        raise ValueError(f"{k} drafted tokens need {k + 1} generators, got {len(generators)}")
+    for i, x in enumerate(drafts):
+        drawn = _draw(target_probs[i], generators[i])
+        if drawn != x:
+            return VerifyResult(drafts[:i] + [drawn], i)
+    return VerifyResult(drafts + [_draw(target_probs[k], generators[k])], k)

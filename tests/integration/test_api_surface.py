@@ -113,7 +113,7 @@ def test_version(app) -> None:
 @pytest.mark.parametrize(
     "path, extra, param",
     [
-        (CHAT, {"n": 2}, "n"),
+        (CHAT, {"n": 33}, "n"),  # more choices than MAX_CHOICES
         (CHAT, {"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
         (CHAT, {"echo": True}, "echo"),
         (CHAT, {"logit_bias": {"49152": 5}}, "logit_bias"),  # outside the vocabulary
@@ -129,7 +129,7 @@ def test_version(app) -> None:
         (CHAT, {"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
         (CHAT, {"stream": True, "stream_options": {"continuous_usage_stats": True}},
          "stream_options.continuous_usage_stats"),
-        (COMPLETIONS, {"n": 3}, "n"),
+        (COMPLETIONS, {"n": 40}, "n"),
         (COMPLETIONS, {"best_of": 2}, "best_of"),
         (COMPLETIONS, {"suffix": " The end."}, "suffix"),
         (COMPLETIONS, {"response_format": {"type": "json_schema"}}, "response_format"),

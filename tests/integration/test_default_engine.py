@@ -169,3 +169,44 @@ def test_a_killed_engine_replica_loses_no_stream(apps) -> None:
     stats = app.deployment("decode").stats.remote().result()
     assert stats["num_resumed"] == len(prompts)  # the new replica resumed every stream
     print(f"a new request succeeded {recovery[0]:.1f} s after the kill")
+
+
+def test_n_choices_share_the_prompt_are_seeded_distinct_and_stream_by_index(apps) -> None:
+    """n > 1 (issue 15, item 2) on the product defaults: the choices are computed on one
+    engine that shares the prompt's KV blocks, a seed makes them reproducible (streamed or
+    not) and they differ from each other."""
+    app = apps.get(DEFAULTS)
+    client = app.client()
+    decode = app.deployment("decode")
+    prompt = "Write three different names for a small grey cat that lives in a library: " * 3
+    shared_before = decode.stats.remote().result()["kv_blocks_shared"]
+    ask = dict(model=MODEL, prompt=prompt, n=3, seed=11, max_tokens=24, temperature=1.0)
+    first, again = client.completions.create(**ask), client.completions.create(**ask)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.text for c in first.choices]
+    assert texts == [c.text for c in again.choices], "the same seed gave other choices"
+    assert len(set(texts)) == 3, texts
+    assert first.usage.prompt_tokens == client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=1
+    ).usage.prompt_tokens  # the prompt counted once
+    shared = decode.stats.remote().result()["kv_blocks_shared"] - shared_before
+    full_blocks = (first.usage.prompt_tokens - 1) // app.config.engine_config().block_size
+    assert shared == 2 * 2 * full_blocks, "choices 1 and 2 of both requests share the prompt"
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = dict(model=MODEL, messages=messages, n=2, seed=5, max_tokens=12, temperature=1.0)
+    whole = client.chat.completions.create(**chat)
+    streamed: dict[int, str] = {0: "", 1: ""}
+    finished: dict[int, str] = {}
+    usage = None
+    for chunk in client.chat.completions.create(
+        **chat, stream=True, stream_options={"include_usage": True}
+    ):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            streamed[c.index] += c.delta.content or ""
+            if c.finish_reason is not None:
+                finished[c.index] = c.finish_reason
+    assert streamed == {c.index: c.message.content for c in whole.choices}
+    assert finished == {c.index: c.finish_reason for c in whole.choices}
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens

@@ -136,14 +136,14 @@ def test_completion_request_validation() -> None:
 
 
 def test_unsupported_options_are_bad_requests() -> None:
-    for field, value in (("n", 2), ("best_of", 2), ("suffix", "x"), ("prompt_logprobs", 1)):
+    for field, value in (("best_of", 2), ("suffix", "x"), ("prompt_logprobs", 1)):
         with pytest.raises(BadRequest) as info:
             check_unsupported({"model": "m", "prompt": "hi", field: value}, Api.COMPLETION)
         assert info.value.http_status == 400
         assert info.value.param == field
         body = info.value.body()["error"]
         assert body["type"] == "invalid_request_error" and body["param"] == info.value.param
-    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "x"}], "best_of": 2}
     with pytest.raises(BadRequest):
         check_unsupported(chat, Api.CHAT)
 

@@ -23,7 +23,6 @@ USER = {"role": "user", "content": "Hello wörld 🚀"}
 
 # A value that uses each field (the table's rows must each have one here).
 USED: dict[str, Any] = {
-    "n": 2,
     "best_of": 3,
     "echo": True,
     "suffix": "end",
@@ -116,10 +115,10 @@ def test_the_request_models_defaults_change_nothing() -> None:
 
 def test_json_true_is_not_1_nor_false_0() -> None:
     with pytest.raises(BadRequest):
-        check_unsupported({"n": True}, Api.CHAT)
+        check_unsupported({"best_of": True}, Api.CHAT)
     with pytest.raises(BadRequest):
         check_unsupported({"skip_special_tokens": 1}, Api.CHAT)
-    check_unsupported({"n": 1.0, "presence_penalty": 0.0, "min_p": 0}, Api.CHAT)
+    check_unsupported({"best_of": 1.0, "presence_penalty": 0.0, "min_p": 0}, Api.CHAT)
 
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
