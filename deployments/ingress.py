@@ -1,17 +1,18 @@
-"""Ingress deployment: the OpenAI-compatible HTTP API in front of prefill and decode.
+"""Ingress deployment: the HTTP shell of the OpenAI-compatible API. It routes, admits and
+answers; the rest is elsewhere:
 
-Per request: validate, tokenize (`serving.api.prepare`) → admission → scheduler.route →
-prefill (first token, KV into the store) → decode (streamed back through `DecodeMux`) →
-detokenize, stop strings → SSE or one JSON body. Errors: `serving.api.http_errors`.
+- admission (429 at `max_pending_requests`) before anything is read or parsed;
+- `serving.api.prepare`: validation, templating, tokenizing, limits (pure, off the loop);
+- `deployments.request_flow`: route -> prefill -> decode -> clean-up, per choice;
+- `deployments.rendering`: detokenizing, stop strings, logprobs, tool calls -> SSE or JSON.
+Errors: `serving.api.http_errors` (OpenAI's shape for every status).
 """
 
 import asyncio
-import contextvars
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import TypeVar
 
@@ -27,37 +28,29 @@ from deployments.decode_mux import DecodeMux
 from deployments.direct_http import DirectHTTP
 from deployments.kv_store import kv_store_actor
 from deployments.loopback import keep_replica_grpc_on_loopback
-from deployments.resumable_stream import ResumableStream
+from deployments.rendering import Renderer
+from deployments.request_flow import RequestFlow
 from deployments.scheduler import scheduler_actor
 from deployments.sessions import conversation_start, session_id
 from deployments.subscribers import subscriber_name
 from serving.api.auth import ApiKeyAuth, Auth
-from serving.api.detokenizer import IncrementalDetokenizer
 from serving.api.errors import (
     BadRequest,
-    RequestTimeout,
-    ServeError,
     TooManyRequests,
-    Unavailable,
-    is_server_fault,
 )
-from serving.api.http_errors import install_error_handlers, internal_error
+from serving.api.http_errors import install_error_handlers
 from serving.api.limits import Limits, RequestLimits
 from serving.api.prepare import (
     ModelInfo,
     Prepared,
     PrepareOptions,
     check_model,
-    choices,
     prepare,
 )
 from serving.api.protocol import parse_json_body, read_json_body
-from serving.api.responses import SSE_DONE, Usage, sse_error
-from serving.api.stream_merge import merge
 from serving.api.tokenize import detokenize, tokenize
 from serving.config import InferosConfig
 from serving.logging_setup import configure_logging
-from serving.messages import DecodeRequest, PrefillRequest, PrefillResult, RoutePlan, TokenDelta
 from serving.metrics import FrontendMetrics
 from serving.models.hf_folder import resolve_model_path, served_model_name
 from serving.structured.engine_grammar import LazyEngineGrammar, build_engine_grammar
@@ -65,8 +58,6 @@ from serving.structured.spec import StructuredSpec
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-# a started choice: its request, first token and the rest of its token stream
-ChoiceRun = tuple[Prepared, TokenDelta, AsyncIterator[TokenDelta]]
 HEALTH_TIMEOUT_S = 2.0
 try:
     VERSION = version("inferos-serve")  # GET /version, as vLLM's
@@ -111,8 +102,6 @@ class Ingress:
         self.max_model_len = self.config.model.max_model_len
         self.model_info = ModelInfo.of(self.model_name, self.max_model_len, self.tokenizer, path)
         self.prepare_options = self._prepare_options()
-        self.prefill = prefill
-        self.decode = decode
         self.scheduler = scheduler_actor(config)
         self.kv_store = kv_store_actor(config)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -120,6 +109,11 @@ class Ingress:
         self.subscriber_id = subscriber_name()
         self.mux = DecodeMux(decode, self.subscriber_id, self._replica_lost)
         self.metrics = FrontendMetrics(self.model_name, self.replica_id)
+        self.flow = RequestFlow(
+            self.config, self.scheduler, self.kv_store, prefill, decode, self.mux,
+            self.subscriber_id, self.metrics, on_done=self._done,
+        )  # fmt: skip
+        self.renderer = Renderer(self.tokenizer, self.metrics)
         app.state.metrics = self.metrics  # the error handlers count every error answered
         app.state.control = ControlAPI(
             self.config, self.model_name, self.replica_id, self.scheduler, self.kv_store,
@@ -137,7 +131,6 @@ class Ingress:
         self.preparer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.in_flight = 0
         self.created = int(time.time())
-        self._cleanups: set[asyncio.Task] = set()
         # launch.run_app's own cluster: this replica answers server.host:port itself
         self.direct_http = (
             DirectHTTP(self.config.server.host, self.config.server.port) if direct_http else None
@@ -251,9 +244,9 @@ class Ingress:
                 f"server is at its limit of {self.config.scheduling.max_pending_requests} "
                 "requests in flight; retry shortly"
             )
-        # Counted out in `_generate`'s finally, which runs however the request ends (the
-        # streaming response closes its generator: `ClosingStreamingResponse`), or below
-        # when the request is refused before `_generate` starts.
+        # Counted out in `RequestFlow._generate`'s finally, which runs however the request
+        # ends (the streaming response closes its generator: `ClosingStreamingResponse`),
+        # or below when the request is refused before the flow starts.
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         try:
@@ -265,30 +258,13 @@ class Ingress:
         except BaseException:
             self._done()
             raise
-        self._count_in(prepared.n - 1)  # every choice is counted out by its `_generate`
-        runs = await self._start_choices(prepared, started)
+        self._count_in(prepared.n - 1)  # every choice is counted out by its flow
+        runs = await self.flow.start(prepared, started)
         if prepared.stream:
             return ClosingStreamingResponse(
-                self._sse(prepared, runs, started), media_type="text/event-stream"
+                self.renderer.sse(prepared, runs, started), media_type="text/event-stream"
             )
-        return JSONResponse(await self._collect(prepared, runs, started))
-
-    async def _start_choices(self, p: Prepared, started: float) -> list[ChoiceRun]:
-        """Start every choice (n > 1: on one decode replica, which computes the prompt once)
-        and wait for each one's first token: routing and prefill errors surface here, as
-        the HTTP status, with every choice that did start aborted."""
-        each = choices(p)
-        if len(each) > 1:  # one route for all: the prompt's KV is shared on one engine
-            for choice in each:
-                choice.session_id = p.session_id or p.req_id
-        streams = [self._generate(choice, started) for choice in each]
-        firsts = await asyncio.gather(*(anext(s) for s in streams), return_exceptions=True)
-        failure = next((f for f in firsts if isinstance(f, BaseException)), None)
-        if failure is not None:
-            for stream in streams:
-                await stream.aclose()
-            raise failure
-        return list(zip(each, firsts, streams, strict=True))  # type: ignore[arg-type]
+        return JSONResponse(await self.renderer.collect(prepared, runs, started))
 
     def _count_in(self, n: int) -> None:
         self.in_flight += n
@@ -326,294 +302,6 @@ class Ingress:
 
     async def _off_loop(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.preparer, fn, *args)
-
-    async def _generate(self, p: Prepared, started: float) -> AsyncIterator[TokenDelta]:
-        """Routes, prefills and decodes one request; yields its token deltas. A decode
-        replica dying under the request does not end it: `ResumableStream` resumes it on
-        another (or the restarted) replica."""
-        plan: RoutePlan | None = None
-        stream: ResumableStream | None = None
-        deltas: AsyncIterator[TokenDelta] | None = None
-        finished = False
-        kv_key = None
-        failed = False  # a server-side failure: counts against the error rate (fallback)
-        try:
-            plan = await self.scheduler.route.remote(p.req_id, len(p.prompt_ids), p.session_id)
-            if plan is None:
-                raise Unavailable("no decode replica is ready yet; retry shortly")
-            deadline = started + (self.config.scheduling.request_timeout_s or float("inf"))
-            first: TokenDelta | None = None
-            if plan.prefill_replica is not None:
-                try:
-                    first, kv_key = await self._within(
-                        self._prefill(p, plan.prefill_replica, plan.prefill_threads), deadline
-                    )
-                except RayError:  # the prefill replica died: the decode replica prefills
-                    logger.warning("prefill replica %s failed", plan.prefill_replica)
-                    self.scheduler.forget.remote(plan.prefill_replica)
-                if first is not None and first.finished:
-                    finished = True
-                    yield first
-                    return
-            stream = self._decode_stream(p, plan, first, kv_key, deadline)
-            deltas = aiter(stream)
-            if first is None:  # the decode replica prefills: its first delta is the TTFT
-                first = await anext(deltas)
-                if first.error is not None:
-                    raise Unavailable(f"decode failed: {first.error}")
-            self.metrics.ttft.observe(time.perf_counter() - started)
-            finished = first.finished
-            yield first
-            async for delta in deltas:
-                finished = delta.finished
-                failed = failed or delta.error is not None
-                yield delta
-        except RayError as e:  # a replica or actor died under the request
-            failed = True
-            raise Unavailable("a replica failed while serving the request; retry") from e
-        except Exception as e:  # a timeout is load and a 4xx the client's: neither counts
-            failed = failed or is_server_fault(e)
-            raise
-        finally:
-            if deltas is not None:
-                await deltas.aclose()
-            self._done()
-            self.mux.close(p.req_id)
-            if plan is not None:
-                decode_replica = stream.replica if stream is not None else plan.decode_replica
-                self._clean_up(p.req_id, decode_replica, kv_key, not finished, failed)
-
-    def _decode_stream(
-        self,
-        p: Prepared,
-        plan: RoutePlan,
-        first: TokenDelta | None,
-        kv_key: str | None,
-        deadline: float,
-    ) -> ResumableStream:
-        """Decode after the prefill replica's `first` token and KV, or (both None) decode
-        with the decode replica prefilling."""
-        request = DecodeRequest(
-            p.req_id,
-            p.prompt_ids,
-            first.token_ids[0] if first is not None else None,
-            p.params,
-            kv_key,
-            self.subscriber_id,
-            store_turn=hasattr(p.request, "messages"),
-            prompt_group=p.prompt_group,
-            group_size=p.group_size,
-        )
-        scheduling = self.config.scheduling
-        return ResumableStream(
-            request,
-            plan.decode_replica,
-            self.mux,
-            self.decode,
-            self.scheduler,
-            lambda awaitable: self._within(awaitable, deadline),
-            p.session_id,
-            scheduling.failover_wait_s,
-            scheduling.failover_max_resumes,
-            self.metrics.stream_resumes.inc,
-        )
-
-    async def _within(self, awaitable, deadline: float):
-        """`await awaitable`, or a clean 503 `request_timeout` once `deadline` has passed."""
-        remaining = deadline - time.perf_counter()
-        try:
-            return await asyncio.wait_for(awaitable, max(remaining, 0.001))
-        except TimeoutError:
-            raise RequestTimeout(
-                f"request timed out after {self.config.scheduling.request_timeout_s:g} s "
-                "(scheduling.request_timeout_s); it was aborted"
-            ) from None
-
-    def _clean_up(
-        self, req_id: str, decode_replica: str, kv_key: str | None, aborted: bool, failed: bool
-    ) -> None:
-        """Tell the scheduler (and, for a request that ended early, decode and the store).
-
-        The calls go out from a task outside the request's context: made from the request
-        itself while a client disconnect cancels it, Serve cancels them too (recursive
-        cancellation) and the decode replica would go on generating for nobody."""
-        if aborted:  # client went away, a stop string matched, or an error
-            logger.info("request %s ended early: aborting it on decode", req_id)
-
-        async def send() -> None:
-            self.scheduler.finished.remote(req_id, failed)
-            if aborted:
-                await self.decode.abort.remote(req_id, replica_id=decode_replica)
-                if kv_key is not None:  # nobody will resume it: free the blocks now
-                    await self.kv_store.drop.remote(kv_key)
-
-        task = asyncio.get_running_loop().create_task(send(), context=contextvars.Context())
-        self._cleanups.add(task)  # keep a reference until done
-        task.add_done_callback(self._cleanups.discard)
-
-    async def _prefill(
-        self, p: Prepared, replica_id: str, num_threads: int | None
-    ) -> tuple[TokenDelta, str | None]:
-        result = await self.prefill.prefill.remote(
-            PrefillRequest(p.req_id, p.prompt_ids, p.params, num_threads), replica_id=replica_id
-        )
-        self.scheduler.prefill_done.remote(p.req_id)
-        if result.error is not None:
-            raise Unavailable(f"prefill failed: {result.error}")
-        first = TokenDelta(p.req_id, [result.first_token_id], result.finished, result.finish_reason)
-        first = self._with_prefill_logprobs(first, result)
-        return first, result.kv_key
-
-    async def _run(self, p: Prepared, first: TokenDelta, events: AsyncIterator[TokenDelta]):
-        """Shared by streaming and non-streaming: yields (text, finish_reason, usage)."""
-        detok = IncrementalDetokenizer(
-            self.tokenizer, p.prompt_ids, p.params.stop, p.params.include_stop_str_in_output
-        )
-        usage = Usage(prompt_tokens=len(p.prompt_ids))
-        if p.builder.index == 0:  # the choices of a request share its prompt
-            self.metrics.prompt_tokens.inc(usage.prompt_tokens)
-        last = time.perf_counter()
-        delta: TokenDelta | None = first
-        while delta is not None:
-            if delta.error is not None:
-                raise Unavailable(delta.error)
-            usage.completion_tokens += len(delta.token_ids)
-            self.metrics.generation_tokens.inc(len(delta.token_ids))
-            now = time.perf_counter()
-            if delta is not first and delta.token_ids:
-                gap = (now - last) / len(delta.token_ids)
-                for _ in delta.token_ids:
-                    self.metrics.itl.observe(gap)
-            last = now
-            text = detok.add(delta.token_ids)
-            text = self._add_logprobs_and_echo(p, delta, text, delta is first)
-            if detok.stopped:
-                yield text, "stop", usage
-                return
-            if delta.finished:
-                yield text + detok.flush(), delta.finish_reason, usage
-                return
-            yield text, None, usage
-            delta = await anext(events, None)
-        raise Unavailable("the decode stream ended early")
-
-    async def _collect(self, p: Prepared, runs: list[ChoiceRun], started: float) -> dict:
-        tasks = [asyncio.ensure_future(self._collect_choice(*run)) for run in runs]
-        try:
-            done = await asyncio.gather(*tasks)
-        finally:  # one choice failed (or the client left): the others are aborted
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for _, _, events in runs:
-                await events.aclose()
-        completion_tokens = sum(usage.completion_tokens for _, usage in done)
-        self.metrics.e2e.observe(time.perf_counter() - started)
-        return p.builder.response(
-            [choice for choice, _ in done], Usage(len(p.prompt_ids), completion_tokens)
-        )
-
-    async def _collect_choice(
-        self, p: Prepared, first: TokenDelta, events: AsyncIterator[TokenDelta]
-    ) -> tuple[dict, Usage]:
-        parts: list[str] = []
-        reason, usage = None, Usage(len(p.prompt_ids))
-        async for text, step_reason, step_usage in self._run(p, first, events):
-            parts.append(text)
-            reason, usage = step_reason, step_usage
-        text: str | None = "".join(parts)
-        tool_calls = None
-        if p.tool_output is not None:  # the answer's tool calls, out of its text
-            text, tool_calls, reason = p.tool_output.whole(text or "", reason)
-        self.metrics.success(reason or "stop")
-        return p.builder.choice(text, reason, self._take_logprobs(p), tool_calls), usage
-
-    async def _sse(self, p: Prepared, runs: list[ChoiceRun], started: float) -> AsyncIterator[str]:
-        usages = {c.builder.index: Usage(len(p.prompt_ids)) for c, _, _ in runs}
-        chunks = [self._choice_chunks(c, first, events, usages) for c, first, events in runs]
-        try:
-            async for chunk in chunks[0] if len(chunks) == 1 else merge(chunks):
-                yield chunk
-            if p.include_usage:
-                total = sum(u.completion_tokens for u in usages.values())
-                yield p.builder.usage_chunk(Usage(len(p.prompt_ids), total))
-            self.metrics.e2e.observe(time.perf_counter() - started)
-        except Exception as e:  # the status is sent already: the error goes in the stream
-            err = e if isinstance(e, ServeError) else internal_error()
-            self.metrics.error(err.http_status)
-            yield sse_error(err.message, err.error_type, err.http_status)
-        finally:
-            for chunk_stream in chunks:
-                await chunk_stream.aclose()
-            for _, _, events in runs:
-                await events.aclose()
-        yield SSE_DONE
-
-    async def _choice_chunks(
-        self,
-        p: Prepared,
-        first: TokenDelta,
-        events: AsyncIterator[TokenDelta],
-        usages: dict[int, Usage],
-    ) -> AsyncIterator[str]:
-        """One choice's SSE chunks; its usage goes into `usages` at its index."""
-        b = p.builder
-        if b.chat:
-            yield b.chunk("", role=True)
-        async for text, reason, step_usage in self._run(p, first, events):
-            usages[b.index] = step_usage
-            if p.tool_output is not None:  # tool calls out of the text, as deltas
-                chunks, reason = self._tool_chunks(p, text, reason)
-                for chunk in chunks:
-                    yield chunk
-            elif text:
-                yield b.chunk(text, logprobs=self._take_logprobs(p))
-            if reason is not None:
-                yield b.chunk(None if b.chat else "", reason, logprobs=self._take_logprobs(p))
-                self.metrics.success(reason)
-
-    def _tool_chunks(
-        self, p: Prepared, text: str, reason: str | None
-    ) -> tuple[list[str], str | None]:
-        """A streamed piece of a request with tools: its content and tool-call chunks (the
-        parser holds what may be a call), all that is held once it ends, and its finish
-        reason (`tool_calls` where it called one)."""
-        assert p.tool_output is not None
-        pieces = p.tool_output.feed(text) if text else []
-        if reason is not None:
-            rest, reason = p.tool_output.finish(reason)
-            pieces += rest
-        chunks = [
-            p.builder.chunk(
-                piece.get("content"),
-                logprobs=self._take_logprobs(p),
-                tool_calls=piece.get("tool_calls"),
-            )
-            for piece in pieces
-        ]
-        return chunks, reason
-
-    # --- logprobs and echo ------------------------------------------------------------
-    @staticmethod
-    def _with_prefill_logprobs(first: TokenDelta, result: PrefillResult) -> TokenDelta:
-        if result.logprobs is None and result.prompt_logprobs is None:
-            return first
-        return replace(first, logprobs=result.logprobs, prompt_logprobs=result.prompt_logprobs)
-
-    @staticmethod
-    def _add_logprobs_and_echo(p: Prepared, delta: TokenDelta, text: str, first: bool) -> str:
-        """Hands `delta`'s logprobs to the request's renderer (where it asked for them,
-        the prompt's first with `echo`); returns `text`, after the prompt on the first."""
-        if p.logprobs is not None:
-            if first and p.echo_text is not None and delta.prompt_logprobs is not None:
-                p.logprobs.add(p.prompt_ids, delta.prompt_logprobs)
-            if delta.logprobs is not None:
-                p.logprobs.add(delta.token_ids, delta.logprobs)
-        return p.echo_text + text if first and p.echo_text is not None else text
-
-    @staticmethod
-    def _take_logprobs(p: Prepared) -> dict | None:
-        return p.logprobs.take() if p.logprobs is not None else None
 
 
 IngressDeployment = serve.deployment(Ingress, name="ingress")

@@ -1,46 +1,46 @@
 """Incremental detokenization and stop-string matching for one output stream.
 
-Decoding token by token breaks multi-byte characters and merged spaces; like vLLM we
-decode a small window (`prefix_offset`..end) and emit only the text past `read_offset`,
-holding back text while it ends in an incomplete character.
+Decoding token by token breaks multi-byte characters and merged spaces; `tokenizers`'
+`DecodeStream` (what vLLM uses for fast tokenizers) keeps the state for that: it returns
+text once the tokens so far decode to whole characters, with the spacing the tokens before
+them (the prompt's last few, to start) imply.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from tokenizers.decoders import DecodeStream
+
+PROMPT_CONTEXT_TOKENS = 6  # of the prompt, for the first output tokens' spacing
 
 
 class IncrementalDetokenizer:
     def __init__(
         self,
-        tokenizer,
+        tokenizer: Any,  # a Hugging Face fast tokenizer
         prompt_ids: list[int],
         stop: tuple[str, ...] = (),
         include_stop: bool = False,  # vLLM's include_stop_str_in_output
     ):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = list(prompt_ids[-6:])  # context for the first tokens' spacing
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
+        backend = getattr(tokenizer, "_tokenizer", None)
+        if backend is None:
+            raise TypeError(f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer")
+        self._backend = backend
+        self._stream = DecodeStream(
+            ids=list(prompt_ids[-PROMPT_CONTEXT_TOKENS:]), skip_special_tokens=True
+        )
         self.stop = stop
         self.include_stop = include_stop
         self.text = ""  # everything emitted so far
         self._held = ""  # text not yet emitted because it may be the start of a stop string
         self.stopped = False
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
     def add(self, token_ids: list[int]) -> str:
         """Feed new tokens; returns the text that may be sent to the client now."""
-        if self.stopped:
+        if self.stopped or not token_ids:
             return ""
-        self.ids.extend(token_ids)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
-            return self._release("")
-        new = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._release(new)
+        return self._release(self._stream.step(self._backend, list(token_ids)) or "")
 
     def _release(self, new: str) -> str:
         pending = self._held + new

@@ -5,6 +5,7 @@ transformers. The same test fails for a biased rule (always accepting the draft)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def chi2_pvalue(samples: list[int], probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(df, stat / 2))
 
 
-def _sample(folder: Path) -> tuple[list[list[int]], SpecDecodeStep]:
+def _sample(folder: Path, seeded: bool = False) -> tuple[list[list[int]], SpecDecodeStep]:
     torch.manual_seed(1234)
     model = load_model(folder, torch.float32)
     cfg = EngineConfig(num_blocks=512, block_size=4, max_num_seqs=64, max_model_len=32)
@@ -93,8 +94,9 @@ def _sample(folder: Path) -> tuple[list[list[int]], SpecDecodeStep]:
         SpecDecodeStep(engine, TruncatedDraft(engine.runner, 1), k_max=3, gate=AlwaysSpeculate())
     )
     params = SamplingParams(max_tokens=4, temperature=1.0, ignore_eos=True)
-    for i in range(N):
-        engine.add_request(Sequence(f"s{i}", list(PROMPT), params))
+    for i in range(N):  # seeded: request i has seed i (verified with coupled draws)
+        seeded_params = replace(params, seed=i) if seeded else params
+        engine.add_request(Sequence(f"s{i}", list(PROMPT), seeded_params))
     outputs: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for out in engine.step():
@@ -102,10 +104,11 @@ def _sample(folder: Path) -> tuple[list[list[int]], SpecDecodeStep]:
     return list(outputs.values()), engine.spec
 
 
-def test_speculative_samples_follow_the_target(tiny) -> None:
+@pytest.mark.parametrize("seeded", [False, True], ids=["rejection", "seeded-coupled"])
+def test_speculative_samples_follow_the_target(tiny, seeded: bool) -> None:
     folder, reference = tiny
     p2, p3 = exact_marginals(reference)
-    samples, spec = _sample(folder)
+    samples, spec = _sample(folder, seeded)
     assert all(len(s) == 4 for s in samples)
     # tokens 2 and 3 come out of verification (token 1 out of the prefill step)
     assert spec.stats.num_spec_steps > 0
@@ -120,7 +123,7 @@ def test_a_biased_rule_fails_the_same_test(tiny, monkeypatch) -> None:
     folder, reference = tiny
     p2, p3 = exact_marginals(reference)
 
-    def always_accept(target_probs, draft_probs, draft_tokens, generator, greedy):
+    def always_accept(target_probs, draft_probs, draft_tokens, generator, greedy, _coupled):
         drafts = draft_tokens.tolist()
         bonus = int(torch.multinomial(target_probs[len(drafts)], 1, generator=generator))
         return VerifyResult(drafts + [bonus], len(drafts))
