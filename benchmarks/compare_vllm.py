@@ -81,7 +81,20 @@ def models_ready(base_url: str) -> list[str] | None:
     except (OSError, ValueError, urllib.error.URLError):
         return None
     ids = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
-    return ids or None
+    return ids if ids and healthy(base_url) else None
+
+
+def healthy(base_url: str) -> bool:
+    """GET /health is 200 (or the server has none): /v1/models can answer before the
+    replicas that serve a request are up (ours answers from its ingress, 503s follow)."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        with urllib.request.urlopen(f"{root}/health", timeout=5.0) as resp:  # noqa: S310
+            return resp.status == 200
+    except urllib.error.HTTPError as e:
+        return e.code == 404
+    except (OSError, ValueError):
+        return False
 
 
 def port_open(base_url: str) -> bool:

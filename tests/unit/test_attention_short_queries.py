@@ -37,6 +37,10 @@ def _case(contexts: list[int], queries: list[int], seed: int = 0):
 )
 def test_short_queries_match_per_sequence_attention(contexts, queries, monkeypatch) -> None:
     q, k, v, cache, meta = _case(contexts, queries)
+    through_kernel = paged_attention(q, k, v, cache, meta, 0.125)
+    assert meta.token_rows is not None, "the C++ decode kernel did not take the query tokens"
+    q, k, v, cache, meta = _case(contexts, queries)
+    monkeypatch.setattr(attention, "kernel_supports", lambda q, cache: False)
     batched = paged_attention(q, k, v, cache, meta, 0.125)
     assert meta.short_queries is not None  # the batched path ran
     _, _, _, _, meta_loop = _case(contexts, queries)
@@ -44,6 +48,17 @@ def test_short_queries_match_per_sequence_attention(contexts, queries, monkeypat
     per_sequence = paged_attention(q, k, v, cache, meta_loop, 0.125)
     assert meta_loop.short_queries is None
     torch.testing.assert_close(batched, per_sequence, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(through_kernel, per_sequence, atol=1e-5, rtol=1e-5)
+
+
+def test_short_queries_through_the_kernel_in_bf16() -> None:
+    q, k, v, cache, meta = _case([200, 16, 65, 31], [3, 3, 1, 5])
+    cache = cache.to(torch.bfloat16)
+    fp32 = paged_attention(q, k, v, cache.float(), meta, 0.125)
+    meta.token_rows = None
+    bf16 = paged_attention(q.to(torch.bfloat16), k, v, cache, meta, 0.125)
+    assert meta.token_rows is not None
+    torch.testing.assert_close(bf16.float(), fp32, atol=2e-2, rtol=2e-2)
 
 
 def test_a_prompt_without_cached_prefix_takes_the_per_sequence_path() -> None:
