@@ -2,8 +2,8 @@
 each measured by vLLM's own client, `vllm bench serve` from .venv-vllm.
 
 For each server in turn (ours, then vLLM, then llama-server): the server is started by this
-script (or taken from a URL), waited on until GET /v1/models and /health answer, warmed up with a few
-uncounted requests, then loaded at each --concurrency level, one level after the other, with
+script (or taken from a URL), waited on until GET /v1/models and /health answer, warmed up with
+a few uncounted requests, then loaded at each --concurrency level, one level after the other, with
 
     .venv-vllm/bin/vllm bench serve --backend openai --base-url URL --endpoint /v1/completions
         --model SmolLM2-135M-Instruct --tokenizer $INFEROS_HOME/models/SmolLM2-135M-Instruct
