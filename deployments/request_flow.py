@@ -162,7 +162,7 @@ class RequestFlow:
             self.subscriber_id,
             store_turn=hasattr(p.request, "messages"),
             prompt_group=p.prompt_group,
-            group_size=p.group_size,
+            group_size=p.n,
         )
         scheduling = self.config.scheduling
         return ResumableStream(

@@ -101,10 +101,9 @@ class Prepared:
     logprobs: LogprobsRenderer | None = None  # set where the request asks for logprobs
     echo_text: str | None = None  # completions with `echo`: the prompt, before the answer
     tool_output: ToolOutput | None = None  # chat with tools (not tool_choice none)
-    n: int = 1  # choices; `choices()` makes one Prepared per choice
+    n: int = 1  # the request's choices; `choices()` makes one Prepared per choice
     # the choices of one request share the prompt's KV on their engine (its request id)
     prompt_group: str | None = None
-    group_size: int = 1  # the request's n, on each of its choices
 
 
 def prepare(
@@ -190,9 +189,7 @@ def choices(p: Prepared) -> list[Prepared]:
             builder=replace(p.builder, index=i),
             logprobs=p.logprobs.fresh() if p.logprobs is not None else None,
             tool_output=ToolOutput(p.tool_output.plan) if p.tool_output is not None else None,
-            n=1,
             prompt_group=p.req_id,
-            group_size=p.n,
         )
         for i in range(p.n)
     ]

@@ -16,7 +16,6 @@ import logging
 import platform
 import threading
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -81,19 +80,15 @@ def _build(name: str) -> None:
     with (directory / "inferos.flock").open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         (directory / "lock").unlink(missing_ok=True)
-        _load(name, directory, cpp_extension)
-
-
-def _load(name: str, directory: Path, cpp_extension: Any) -> None:
-    cpp_extension.load(
-        name=f"inferos_{name}",
-        sources=[str(CSRC / f"{name}.cpp")],
-        extra_cflags=CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        is_python_module=False,  # the library registers torch.ops.inferos.* when loaded
-        verbose=False,
-    )
+        cpp_extension.load(
+            name=f"inferos_{name}",
+            sources=[str(CSRC / f"{name}.cpp")],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            is_python_module=False,  # the library registers torch.ops.inferos.* when loaded
+            verbose=False,
+        )
 
 
 def load_kernel(name: str, op: str) -> bool:
