@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 
 from serving.backends.ort.providers import DEFAULT_PREFERENCE as DEFAULT_PROVIDERS
 from serving.engine.engine import EngineConfig
+from serving.models.weight_formats import Int4Recipe
 
 
 def cpu_has_native_bf16() -> bool:
@@ -69,12 +70,44 @@ class ModelSettings(_Strict):
         description="weights: int4 only: inputs per int4 scale and zero (32: measured, see "
         "serving/models/weight_formats.py)",
     )
+    int4_calibration: Path | None = Field(
+        None,
+        description="weights: int4 only: a UTF-8 text file to calibrate GPTQ on (act order, "
+        "64 windows of 512 tokens, ~2 min for the default model, cached): each layer's "
+        "rounding errors compensated on its inputs; off a GGUF grid it takes SmolLM2's int4 "
+        "from +16 % to +4.8 % ppl (benchmarks/results/2026-12-06/int4-gptq); None = "
+        "round-to-nearest, enough for weights already on a 4-bit GGUF grid (the default model)",
+    )
+    int4_int8_layers: list[str] = Field(
+        ["qkv_proj"],
+        description="weights: int4 only: module names kept at int8 per channel (the LM head "
+        "always is): the attention's qkv projection is the most sensitive to int4 (measured: "
+        "see serving/models/weight_formats.py); [] = every linear layer int4",
+    )
+
+    def int4_recipe(self) -> Int4Recipe:
+        return Int4Recipe(
+            self.int4_group_size, self.int4_calibration, tuple(self.int4_int8_layers)
+        )
+
     dense_kernels: Literal["measured", "model_dtype"] = Field(
         "measured",
         description="bfloat16 only: measured = larger steps switch to fp32 matmuls from the "
         "batch size where this machine runs them faster (CPUs without native bf16: AVX2), "
         "measured once per machine into $INFEROS_HOME/kernels.json; model_dtype = never",
     )
+
+    @model_validator(mode="after")
+    def _calibration_is_a_file_for_int4(self) -> ModelSettings:
+        if self.int4_calibration is None:
+            return self
+        if self.weights != "int4":
+            raise ValueError(
+                f"model.int4_calibration calibrates int4 weights; model.weights is {self.weights!r}"
+            )
+        if not Path(self.int4_calibration).expanduser().is_file():
+            raise ValueError(f"model.int4_calibration: no such file: {self.int4_calibration}")
+        return self
 
 
 class KVCacheSettings(_Strict):

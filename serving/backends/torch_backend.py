@@ -20,7 +20,7 @@ def build(ctx: BackendContext) -> tuple[LLMEngine, BackendInfo]:
         else 0,
         measured_dense=cfg.fast_kernels and cfg.model.dense_kernels == "measured",
         weights=cfg.model.weights,
-        int4_group_size=cfg.model.int4_group_size,
+        int4=cfg.model.int4_recipe(),
     )
     engine = LLMEngine(model, cfg.engine_config(), model.arch.eos_token_ids)
     return engine, BackendInfo("torch", "cpu")

@@ -57,6 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="inputs per int4 scale (default: model.int4_group_size's)",
     )  # fmt: skip
     p.add_argument(
+        "--int4-calibration",
+        type=Path,
+        default=None,
+        help="int4: quantize by GPTQ calibrated on this text (model.int4_calibration); keep it "
+        "disjoint from --text",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -98,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from serving.eval.ppl import EvalSettings, evaluate
     from serving.models.hf_folder import resolve_model_path
     from serving.models.loader import load_model, parse_dtype
+    from serving.models.weight_formats import INT8_LAYERS, Int4Recipe
 
     try:
         profiles = parse_profiles(args.profile)
@@ -133,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             parse_dtype(args.dtype),
             max_positions=args.context,
             weights=weights,
-            int4_group_size=group_size,
+            int4=Int4Recipe(group_size, args.int4_calibration),
         )
         try:
             results = evaluate(model, token_ids, profiles, settings, progress)
@@ -150,6 +158,10 @@ def run(args: argparse.Namespace) -> int:
             r["weights"] = weights
             if weights == "int4":
                 r["int4_group_size"] = group_size
+                r["int4_method"] = "gptq" if args.int4_calibration else "round-to-nearest"
+                r["int4_int8_layers"] = list(INT8_LAYERS)
+                if args.int4_calibration:
+                    r["int4_calibration"] = str(args.int4_calibration)
             if weights == REFERENCE_WEIGHTS:
                 reference[p.name] = r["ppl"]
             elif p.name in reference:

@@ -17,9 +17,9 @@ from serving.models.families import family_for
 from serving.models.int4 import repack_int4, use_measured_int4
 from serving.models.q8_head import use_q8_head
 from serving.models.weight_formats import (
-    INT4_GROUP_SIZE,
     QUANTIZED,
     WEIGHT_FORMATS,
+    Int4Recipe,
     WeightFormat,
     dequantized_source,
     install_int4,
@@ -75,7 +75,7 @@ def load_model(
     int4_max_tokens: int = 0,
     measured_dense: bool = False,
     weights: WeightFormat = "auto",
-    int4_group_size: int = INT4_GROUP_SIZE,
+    int4: Int4Recipe = Int4Recipe(),
 ) -> CausalLM:
     """`int4_max_tokens > 0`: steps of up to that many tokens run on a lossless 4-bit
     repack (bf16 activations) of the linear layers whose weights came from a 4-bit GGUF,
@@ -87,7 +87,8 @@ def load_model(
     `weights` (`weight_formats`): auto = the above; bf16 = dense only, no int4 or int8 path
     whatever `int4_max_tokens`; int8 / int4 = the linear weights quantized (cached on disk),
     the model computing with their dequantized values, and steps of up to
-    `int4_max_tokens` tokens on the int8 / int4 kernels."""
+    `int4_max_tokens` tokens on the int8 / int4 kernels; `int4` says how int4 quantizes
+    (group, GPTQ calibration text or round-to-nearest, layers kept int8)."""
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights {weights!r} not supported; choose one of {WEIGHT_FORMATS}")
     folder = Path(folder)
@@ -99,7 +100,7 @@ def load_model(
     source = family.state_dict(_read_state_dict(folder), arch)
     quantized = None
     if weights in QUANTIZED:
-        quantized = quantize_model_weights(folder, model, source, weights, int4_group_size)
+        quantized = quantize_model_weights(folder, model, source, weights, int4)
         source = dequantized_source(source, quantized)
     # the GGUF-grid repack and Q8_0 head only for `auto`; `bf16` is dense, int8/int4 below
     grid_kernels = int4_max_tokens if weights == "auto" else 0

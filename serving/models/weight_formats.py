@@ -5,8 +5,11 @@
   anything else dense.
 - `bf16`: dense only, in the model's dtype (bf16 by default): the quality reference.
 - `int8`: every linear layer and the LM head per-output-channel int8 (`weight_quant`).
-- `int4`: every linear layer group-wise int4, the LM head per-channel int8 (as llama.cpp's
-  4-bit mixes keep the output matrix at 6-8 bits: its errors land on every logit directly).
+- `int4`: every linear layer group-wise int4 except the attention's qkv projection, which
+  stays per-channel int8 like the LM head (llama.cpp's 4-bit mixes likewise keep the output
+  matrix and attn_v at 6-8 bits). Round-to-nearest by default; with a calibration text
+  (`model.int4_calibration`) GPTQ in act order (`gptq.py`), calibrated layer after layer on
+  that text (`calibration.py`). `Int4Recipe` holds these choices.
 
 For int8/int4 the model's own weights become the dequantized quantized ones, so every
 path (the kernels for small steps, the dense matmul for prefill, a prefill replica that
@@ -16,6 +19,7 @@ same weights. Quantized tensors are cached on disk (`weight_cache`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +30,8 @@ import torch
 from torch import nn
 
 from serving.models import weight_cache
+from serving.models.calibration import WINDOW, quantize_sequentially, windows_from_text
+from serving.models.gptq import gptq_int4
 from serving.models.int4 import HybridInt4Linear, int4_kernel_available
 from serving.models.int8 import Int8Linear, group_scales, int8_kernel_fits, use_measured_int8
 from serving.models.q8_head import install_q8_head
@@ -48,7 +54,37 @@ QUANTIZED = ("int8", "int4")
 # a 135M model is that sensitive, and a GGUF Q4_0/Q4_1 source (int4 in groups of 32) is
 # re-quantized in groups of 32 almost onto its own grid.
 INT4_GROUP_SIZE = 32
+# Layers `int4` keeps at int8 per channel: the attention's input projection. Off the GGUF
+# grid (benchmarks/results/2026-12-06/int4-gptq) round-to-nearest int4 on qkv alone costs
+# SmolLM2 +10.6 % ppl, gate_up +5.2 %, down +6.9 %, o +1.2 %; qkv is ~16 % of a layer's
+# weights, so int8 there costs ~0.5 bit a weight and, with GPTQ on the rest, is what
+# brings the format within 5 %.
+INT8_LAYERS = ("qkv_proj",)
 HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class Int4Recipe:
+    """How `weights: int4` quantizes (`model.int4_*`)."""
+
+    group_size: int = INT4_GROUP_SIZE
+    calibration: Path | None = None  # GPTQ (act order) on this text; None: round-to-nearest
+    int8_layers: tuple[str, ...] = INT8_LAYERS  # module names kept at int8 per channel
+
+    def keeps_int8(self, key: str) -> bool:
+        """Whether `<module>.weight` `key` stays int8: the head, a listed module, or inputs
+        the group does not divide."""
+        parts = key.split(".")
+        return key == HEAD or (len(parts) > 1 and parts[-2] in self.int8_layers)
+
+    def tag(self) -> str:
+        """The cache entry's name part: what changes the tensors, the text by its bytes."""
+        tag = f"int4-g{self.group_size}"
+        if self.int8_layers:
+            tag += "-q8" + "+".join(sorted(self.int8_layers))
+        if self.calibration is not None:
+            tag += f"-gptq-{hashlib.sha256(Path(self.calibration).read_bytes()).hexdigest()[:12]}"
+        return tag
 
 
 def _linear_keys(model: nn.Module) -> Iterator[tuple[nn.Module, str, str]]:
@@ -69,16 +105,17 @@ def _head_source_key(source: dict[str, torch.Tensor]) -> str:
 
 
 def quantize_tensors(
-    weights: dict[str, torch.Tensor], fmt: str, group_size: int
+    weights: dict[str, torch.Tensor], fmt: str, recipe: Int4Recipe = Int4Recipe()
 ) -> dict[str, torch.Tensor]:
-    """Codes and scales of each `<module>.weight` of `weights` in `fmt`: int4 where the
-    format is int4, the input count divides by the group and this is not the head; int8
-    per channel otherwise. Keys `<name>.q` / `.scales_and_zeros` (int4) or `<name>.codes` /
-    `.scales` (int8): the cache file's layout."""
+    """Codes and scales of each `<module>.weight` of `weights` in `fmt`, round-to-nearest:
+    int4 where the format is int4, the recipe does not keep the layer int8 and the input
+    count divides by the group; int8 per channel otherwise. Keys `<name>.q` /
+    `.scales_and_zeros` (int4) or `<name>.codes` / `.scales` (int8): the cache file's
+    layout."""
     out: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
-        if fmt == "int4" and name != HEAD and w.shape[1] % group_size == 0:
-            q, sz = quantize_int4_groups(w, group_size)
+        if fmt == "int4" and not recipe.keeps_int8(name) and w.shape[1] % recipe.group_size == 0:
+            q, sz = quantize_int4_groups(w, recipe.group_size)
             out[f"{name}.q"] = q.to(torch.uint8)  # 0..15: a byte each on disk
             out[f"{name}.scales_and_zeros"] = sz
         else:
@@ -117,19 +154,54 @@ def quantize_model_weights(
     model: nn.Module,
     source: dict[str, torch.Tensor],
     fmt: str,
-    group_size: int = INT4_GROUP_SIZE,
+    recipe: Int4Recipe = Int4Recipe(),
 ) -> QuantizedWeights:
     """The quantized form of `model`'s linear weights (and head) from `source` (fp32, as
-    loaded), from the cache when it holds them for this folder's current files."""
+    loaded), from the cache when it holds them for this folder's current files (and the
+    int4 recipe, calibration text included)."""
     head_key = _head_source_key(source)
     names = [key for *_, key in _linear_keys(model) if key in source or key == HEAD]
 
     def compute() -> dict[str, torch.Tensor]:
         weights = {n: source[head_key] if n == HEAD else source[n] for n in names}
-        return quantize_tensors(weights, fmt, group_size)
+        out = quantize_tensors(weights, fmt, recipe)
+        if fmt == "int4" and recipe.calibration is not None:
+            out.update(gptq_tensors(folder, recipe, out))
+        return out
 
-    tag = f"{fmt}-g{group_size}" if fmt == "int4" else fmt
-    return QuantizedWeights(weight_cache.cached_tensors(folder, tag, compute), group_size)
+    tag = recipe.tag() if fmt == "int4" else fmt
+    return QuantizedWeights(weight_cache.cached_tensors(folder, tag, compute), recipe.group_size)
+
+
+def gptq_tensors(
+    folder: Path, recipe: Int4Recipe, rounded: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """GPTQ codes (act order) of every decoder-layer weight `rounded` (round-to-nearest,
+    `quantize_tensors`) holds as int4, calibrated on windows of the recipe's text through
+    the dense fp32 model, one layer after another; the int8 layers computing with their
+    int8 values meanwhile, so that later layers see what they will see."""
+    from serving.models.loader import load_model  # the loader imports this module
+
+    windows = windows_from_text(folder, Path(recipe.calibration))
+    model = load_model(folder, torch.float32, max_positions=WINDOW, weights="bf16")
+    out: dict[str, torch.Tensor] = {}
+
+    def quantize(key: str, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+        name = f"{key}.weight"
+        if f"{name}.q" not in rounded:
+            return dequantize_int8(rounded[f"{name}.codes"], rounded[f"{name}.scales"])
+        q, sz = gptq_int4(weight, hessian, recipe.group_size, act_order=True)
+        out[f"{name}.q"], out[f"{name}.scales_and_zeros"] = q.to(torch.uint8), sz
+        return dequantize_int4(q, sz)
+
+    logger.info(
+        "GPTQ int4 of %s on %d windows of %s (once: cached)",
+        folder.name,
+        len(windows),
+        recipe.calibration,
+    )
+    quantize_sequentially(model, windows, quantize)
+    return out
 
 
 def dequantized_source(

@@ -27,7 +27,7 @@ def dequantize_int8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return codes.float() * scales[:, None]
 
 
-def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:
+def bf16_at_least(x: torch.Tensor) -> torch.Tensor:
     """`x` (>= 0) rounded to a bf16 value no smaller than it: a scale rounded down would
     leave the group's maximum beyond code 15 and clip it."""
     rounded = x.to(torch.bfloat16)
@@ -45,12 +45,20 @@ def quantize_int4_groups(
     if k % group_size:
         raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
     g = weight.float().view(n, k // group_size, group_size)
-    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-    scale = _bf16_at_least((hi - lo) / 15).float()
-    zero = (lo + 8 * scale).to(torch.bfloat16).float()
+    scale, zero = int4_group_params(g)
+    scale, zero = scale[..., None], zero[..., None]
     q = torch.round((g - zero) / scale.clamp(min=1e-30) + 8).clamp(0, 15)
     scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
     return q.view(n, k).to(torch.int32), scales_and_zeros.to(torch.bfloat16)
+
+
+def int4_group_params(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(scale, zero)` (fp32 holding bf16 values) of each group along the last dim: its
+    min..max in 15 steps, code 8 at `zero`, as torch's int4 kernel dequantizes."""
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    scale = bf16_at_least((hi - lo) / 15).float()
+    zero = (lo + 8 * scale).to(torch.bfloat16).float()
+    return scale, zero
 
 
 def dequantize_int4(q: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
