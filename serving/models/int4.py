@@ -3,9 +3,10 @@
 A single decode stream on CPU is bound by the bytes of weights read per step. Weights
 dequantized from Q4_1 lie exactly on a 16-level grid per group of 32 inputs
 (`w = min + q * (max - min) / 15`), so they can be packed back into 4 bits and multiplied
-with torch's int4 CPU kernel — the same numbers, a quarter of the bf16 bytes. The kernel
-loses to dense bf16 matmul once the batch is compute-bound, so each layer keeps both and
-picks by the number of tokens in the step.
+with our int4 kernel (`serving/kernels/q4_linear.py`: codes a byte each, fp32 scales and
+offsets, so exactly the GGUF's weights), or torch's int4 CPU kernel where ours cannot be
+built (bf16 scales). The kernel loses to dense bf16 matmul once the batch is
+compute-bound, so each layer keeps both and picks by the number of tokens in the step.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from serving.kernels import q4_linear as q4
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +67,20 @@ class HybridInt4Linear(nn.Module):
         self.bias = linear.bias
         self.max_int4_tokens = max_int4_tokens
         self.group_size = group_size  # inputs per (scale, zero): Q4_1's 32, or `model.weights`'
-        self.register_buffer("packed", _ops._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES))
-        # the kernel computes in bf16 (with fp32 activations it runs scalar: 10-30x slower)
-        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16))
+        self.ours = group_size == q4.GROUP_SIZE and q4.kernel_available()
+        if self.ours:  # exact scales (fp32): the GGUF's own weights, and faster (see q4)
+            scale, zero = scales_and_zeros.float().permute(2, 1, 0)  # 2 x [N, K/g]
+            codes, scales, offsets = q4.pack_tiles(q, scale, zero - 8 * scale)
+            self.register_buffer("codes", codes)
+            self.register_buffer("scales", scales)
+            self.register_buffer("offsets", offsets)
+        else:
+            self.register_buffer(
+                "packed", _ops._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
+            )
+            # torch's kernel computes in bf16 (with fp32 activations it runs scalar: 10-30x
+            # slower)
+            self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16))
         # the path above max_int4_tokens: a measured dtype switch (dense_kernels), or plain
         self.dense: nn.Module | None = None
 
@@ -75,6 +89,10 @@ class HybridInt4Linear(nn.Module):
             if self.dense is not None:
                 return self.dense(x)
             return F.linear(x, self.weight, self.bias)
+        if self.ours:
+            out = q4.q4_linear(x, self.codes, self.scales, self.offsets, self.weight.shape[0])
+            out = out.to(x.dtype)
+            return out if self.bias is None else out + self.bias
         x16 = x.to(torch.bfloat16)
         out = _ops._weight_int4pack_mm_for_cpu(
             x16, self.packed, self.group_size, self.scales_and_zeros
@@ -148,10 +166,11 @@ def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
     by_shape = {shape_of(m): m for m in layers}
 
     def key(n: int, k: int, group: int) -> str:
-        # v3: measured against the prepacked dense path, caches cold; Q4_1's group 32 keeps
-        # the key it always had, other groups (`model.weights: int4`) are measured apart
+        # v5: our kernel (group 32) or torch's, against the prepacked dense path, caches
+        # cold; other groups (`model.weights: int4`) are measured apart
         group_tag = "" if group == GROUP_SIZE else f" g{group}"
-        return f"int4 tokens<={cap}{group_tag} v3|" + cache_key(dtype, n, k)
+        kernel = "q4" if q4.kernel_available() else "torch"
+        return f"int4 tokens<={cap}{group_tag} {kernel} v5|" + cache_key(dtype, n, k)
 
     keys = {shape: key(*shape) for shape in by_shape}
     measures = {

@@ -1,0 +1,50 @@
+"""Weight-only int4 linear, asymmetric per group of 32 inputs (`csrc/q4_linear.cpp`): the
+kernel `HybridInt4Linear` runs for small steps, codes a byte each (at the int8 kernel's
+speed: unpacking nibbles costs more instructions than the halved bytes save). Weights are
+`q * scale + offset` with `q` in 0..15 (torch's int4 layout's `(q - 8) * scale + zero` is
+the same weight with `offset = zero - 8 * scale`)."""
+
+from __future__ import annotations
+
+import torch
+
+from serving.kernels.build import load_kernel
+
+GROUP_SIZE = 32
+TILE = 16  # output rows the kernel computes together (see csrc/q4_linear.cpp)
+
+
+def kernel_available() -> bool:
+    return load_kernel("q4_linear", "q4_linear")
+
+
+def pack_tiles(
+    q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`q [N, K]` (0..15), `scales` and `offsets` `[N, K/32]` → the kernel's tiles of 16
+    output rows: codes `[ceil(N/16), K, 16]` uint8, scales and offsets
+    `[ceil(N/16), K/32, 16]` fp32 (rows past N are zero)."""
+    n = q.shape[0]
+    pad = -n % TILE
+    q = torch.nn.functional.pad(q.to(torch.uint8), (0, 0, 0, pad))
+    tiles = (n + pad) // TILE
+    codes = q.view(tiles, TILE, -1).transpose(1, 2).contiguous()  # [tiles, K, 16]
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:
+        t = torch.nn.functional.pad(t.float(), (0, 0, 0, pad))
+        return t.view(tiles, TILE, -1).transpose(1, 2).contiguous()
+
+    return codes, tiled(scales), tiled(offsets)
+
+
+def q4_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """`x [M, K]` (fp32 or bf16) times the weight `q * scale + offset` transposed: fp32
+    `[M, n]`, from the tiles of `pack_tiles`. Call `kernel_available` first."""
+    out = torch.ops.inferos.q4_linear(x, codes, scales, offsets)
+    return out if out.shape[1] == n else out[:, :n]
