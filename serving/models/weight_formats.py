@@ -72,8 +72,8 @@ class Int4Recipe:
     int8_layers: tuple[str, ...] = INT8_LAYERS  # module names kept at int8 per channel
 
     def keeps_int8(self, key: str) -> bool:
-        """Whether `<module>.weight` `key` stays int8: the head, a listed module, or inputs
-        the group does not divide."""
+        """Whether `<module>.weight` `key` stays int8 by the recipe: the head or a listed
+        module (a layer whose inputs the group does not divide stays int8 as well)."""
         parts = key.split(".")
         return key == HEAD or (len(parts) > 1 and parts[-2] in self.int8_layers)
 
