@@ -75,7 +75,7 @@ class ModelSettings(_Strict):
         description="weights: int4 only: a UTF-8 text file to calibrate GPTQ on (act order, "
         "64 windows of 512 tokens, ~2 min for the default model, cached): each layer's "
         "rounding errors compensated on its inputs; off a GGUF grid it takes SmolLM2's int4 "
-        "from +16 % to +4.8 % ppl (benchmarks/results/2026-12-06/int4-gptq); None = "
+        "from +13.4 % to +4.3 % ppl (benchmarks/results/2026-12-06/int4-gptq); None = "
         "round-to-nearest, enough for weights already on a 4-bit GGUF grid (the default model)",
     )
     int4_int8_layers: list[str] = Field(
