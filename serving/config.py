@@ -48,13 +48,14 @@ class ModelSettings(_Strict):
     )
     max_model_len: PositiveInt = Field(2048, description="Prompt + generated tokens per request")
     int4_max_tokens: int = Field(
-        8,
+        64,
         ge=0,
-        description="bfloat16 only: engine steps of up to this many tokens use a lossless int4 "
-        "repack of linear weights that came from a 4-bit GGUF, or the int8/int4 kernels of "
-        "weights: int8|int4 (0 = off); with dense_kernels "
-        "measured, each weight shape uses it up to the token count (at most this) where it "
-        "measures faster than the dense matmul on this machine",
+        description="bfloat16 only: engine steps of up to this many tokens use a 4-bit repack "
+        "of linear weights that came from a 4-bit GGUF (on a CPU with AMX: the AMX kernel, "
+        "activations rounded to int8 per group of 32 as llama.cpp does; else exact), or the "
+        "int8/int4 kernels of weights: int8|int4 (0 = off); with dense_kernels measured, "
+        "each weight shape uses it up to the token count (at most this) where it measures "
+        "faster than the dense matmul on this machine",
     )
     weights: Literal["auto", "bf16", "int8", "int4"] = Field(
         "auto",

@@ -3,10 +3,12 @@
 A single decode stream on CPU is bound by the bytes of weights read per step. Weights
 dequantized from Q4_1 lie exactly on a 16-level grid per group of 32 inputs
 (`w = min + q * (max - min) / 15`), so they can be packed back into 4 bits and multiplied
-with our int4 kernel (`serving/kernels/q4_linear.py`: codes a byte each, fp32 scales and
-offsets, so exactly the GGUF's weights), or torch's int4 CPU kernel where ours cannot be
-built (bf16 scales). The kernel loses to dense bf16 matmul once the batch is
-compute-bound, so each layer keeps both and picks by the number of tokens in the step.
+with our AMX kernel where the CPU has AMX int8 (`serving/kernels/q4_amx.py`: codes as
+nibbles, activations quantized to int8 per group of 32 as llama.cpp does), else our vector
+kernel (`serving/kernels/q4_linear.py`: codes a byte each, fp32 scales and offsets, so
+exactly the GGUF's weights), or torch's int4 CPU kernel where neither can be built (bf16
+scales). A kernel loses to dense bf16 matmul once the batch is compute-bound, so each layer
+keeps both and picks by the number of tokens in the step.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.kernels import q4_amx
 from serving.kernels import q4_linear as q4
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,19 @@ def quantize_on_grid(
     return q.view(n, k).to(torch.int32), scales_and_zeros
 
 
+def kernel_for(group_size: int, dtype: torch.dtype) -> str:
+    """The int4 kernel a layer with groups of `group_size` in a `dtype` model runs here:
+    `amx` (AMX int8, bf16 models only: activations rounded to int8 per group of 32, as a
+    bf16 model's already are to 8 significant bits; at 8-32 rows ~1.6-2x faster than dense
+    bf16 and than `q4` from 4 rows, reading 6 bits a weight where `q4` reads 12 and bf16
+    16), `q4` (activations as given, so an fp32 model's steps stay exact), or torch's."""
+    if group_size == q4.GROUP_SIZE and dtype == torch.bfloat16 and q4_amx.kernel_available():
+        return "amx"
+    if group_size == q4.GROUP_SIZE and q4.kernel_available():
+        return "q4"
+    return "torch"
+
+
 class HybridInt4Linear(nn.Module):
     """Dense weight for large batches, packed int4 for up to `max_int4_tokens` tokens."""
 
@@ -67,10 +83,11 @@ class HybridInt4Linear(nn.Module):
         self.bias = linear.bias
         self.max_int4_tokens = max_int4_tokens
         self.group_size = group_size  # inputs per (scale, zero): Q4_1's 32, or `model.weights`'
-        self.ours = group_size == q4.GROUP_SIZE and q4.kernel_available()
-        if self.ours:  # exact scales (fp32): the GGUF's own weights, and faster (see q4)
+        self.kernel = kernel_for(group_size, linear.weight.dtype)
+        if self.kernel in ("amx", "q4"):  # exact scales (fp32): the GGUF's own weights
             scale, zero = scales_and_zeros.float().permute(2, 1, 0)  # 2 x [N, K/g]
-            codes, scales, offsets = q4.pack_tiles(q, scale, zero - 8 * scale)
+            pack = q4_amx.pack_tiles if self.kernel == "amx" else q4.pack_tiles
+            codes, scales, offsets = pack(q, scale, zero - 8 * scale)
             self.register_buffer("codes", codes)
             self.register_buffer("scales", scales)
             self.register_buffer("offsets", offsets)
@@ -89,8 +106,9 @@ class HybridInt4Linear(nn.Module):
             if self.dense is not None:
                 return self.dense(x)
             return F.linear(x, self.weight, self.bias)
-        if self.ours:
-            out = q4.q4_linear(x, self.codes, self.scales, self.offsets, self.weight.shape[0])
+        if self.kernel in ("amx", "q4"):
+            run = q4_amx.q4_amx_linear if self.kernel == "amx" else q4.q4_linear
+            out = run(x, self.codes, self.scales, self.offsets, self.weight.shape[0])
             out = out.to(x.dtype)
             return out if self.bias is None else out + self.bias
         x16 = x.to(torch.bfloat16)
@@ -124,32 +142,43 @@ def repack_int4(
 
 
 # token counts at which the int4 kernel is timed against the dense path of its layer
-INT4_BUCKETS = (1, 2, 4, 8, 16)
+INT4_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
 
 
-def measure_max_int4_tokens(layer: HybridInt4Linear, dtype: torch.dtype, cap: int) -> int:
-    """The largest bucket (up to `cap`) up to which the int4 kernel beats the layer's dense
-    path at every bucket; 0 if it never does. Timed with cold caches (see `fastest_s`):
-    hot, the dense bf16 path looked faster from 2 tokens on this Zen 4; cold, as weights
-    are in a forward pass, int4 wins up to 8 on every SmolLM2 shape."""
+def measure_max_int4_tokens(
+    layers: HybridInt4Linear | list[HybridInt4Linear], dtype: torch.dtype, cap: int
+) -> int:
+    """The largest bucket (up to `cap`) up to which the int4 kernel beats the layers' dense
+    path at every bucket; 0 if it never does. Timed over every given layer of one shape in
+    turn (a model's 30 layers of it), each run after evicting the caches (see
+    `fastest_s`): as in a forward pass, each layer's weights then come from memory or a
+    far cache. One layer timed alone stays in this Xeon's 300 MB L3 even after the 64 MB
+    eviction and flatters the kernel that reads more bytes (dense bf16 measured level with
+    the AMX kernel at 2 rows that way; over the 30 layers the AMX kernel is 1.6x faster at
+    8-32). On the Zen 4 int4 wins up to 8 on every SmolLM2 shape, the AMX kernel up to 32
+    on the Xeon with AMX (dense bf16 from 48)."""
     from serving.models.dense_kernels import largest_winning_bucket
 
-    def run(x: torch.Tensor, max_int4_tokens: int) -> torch.Tensor:
-        layer.max_int4_tokens = max_int4_tokens
-        return layer(x)
+    stack = layers if isinstance(layers, list) else [layers]
 
-    saved = layer.max_int4_tokens
+    def run(x: torch.Tensor, max_int4_tokens: int) -> None:
+        for layer in stack:
+            layer.max_int4_tokens = max_int4_tokens
+            layer(x)
+
+    saved = [layer.max_int4_tokens for layer in stack]
     buckets = tuple(b for b in INT4_BUCKETS if b <= cap)
     try:
         return largest_winning_bucket(
             buckets,
-            layer.weight.shape[1],
+            stack[0].weight.shape[1],
             dtype,
             fast=lambda x: run(x, x.shape[0]),
             dense=lambda x: run(x, 0),
         )
     finally:
-        layer.max_int4_tokens = saved
+        for layer, tokens in zip(stack, saved, strict=True):
+            layer.max_int4_tokens = tokens
 
 
 def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
@@ -163,14 +192,17 @@ def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
     def shape_of(m: HybridInt4Linear) -> tuple[int, int, int]:
         return (*m.weight.shape, m.group_size)
 
-    by_shape = {shape_of(m): m for m in layers}
+    by_shape: dict[tuple[int, int, int], list[HybridInt4Linear]] = {}
+    for m in layers:
+        by_shape.setdefault(shape_of(m), []).append(m)
 
     def key(n: int, k: int, group: int) -> str:
-        # v5: our kernel (group 32) or torch's, against the prepacked dense path, caches
-        # cold; other groups (`model.weights: int4`) are measured apart
+        # v7: buckets to 64, over every layer of the shape; our kernels (group 32) or
+        # torch's, against the prepacked dense path, caches cold; other groups
+        # (`model.weights: int4`) are measured apart
         group_tag = "" if group == GROUP_SIZE else f" g{group}"
-        kernel = "q4" if q4.kernel_available() else "torch"
-        return f"int4 tokens<={cap}{group_tag} {kernel} v5|" + cache_key(dtype, n, k)
+        kernel = kernel_for(group, dtype)
+        return f"int4 tokens<={cap}{group_tag} {kernel} v7|" + cache_key(dtype, n, k)
 
     keys = {shape: key(*shape) for shape in by_shape}
     measures = {

@@ -99,12 +99,16 @@ def test_default_model_repacks_every_linear_layer_and_keeps_its_predictions(mode
 def test_measured_int4_count_is_a_bucket_within_the_cap_and_restores_the_layer() -> None:
     from serving.models.int4 import INT4_BUCKETS, measure_max_int4_tokens
 
-    w = _grid_weight(64, 64)
-    layer = HybridInt4Linear(nn.Linear(64, 64, bias=False), *quantize_on_grid(w), 8)
-    layer.weight.data = w.to(torch.bfloat16)
-    got = measure_max_int4_tokens(layer, torch.bfloat16, cap=4)
+    layers = []
+    for seed, max_tokens in ((0, 8), (1, 2)):  # a shape's layers, timed in turn
+        w = _grid_weight(64, 64, seed=seed)
+        layer = HybridInt4Linear(nn.Linear(64, 64, bias=False), *quantize_on_grid(w), max_tokens)
+        layer.weight.data = w.to(torch.bfloat16)
+        layers.append(layer)
+    got = measure_max_int4_tokens(layers, torch.bfloat16, cap=4)
     assert got == 0 or (got in INT4_BUCKETS and got <= 4)
-    assert layer.max_int4_tokens == 8  # measuring leaves the layer as it was
+    # measuring leaves the layers as they were
+    assert [m.max_int4_tokens for m in layers] == [8, 2]
 
 
 def test_every_layer_of_a_shape_gets_its_shapes_measured_count(monkeypatch) -> None:

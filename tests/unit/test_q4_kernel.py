@@ -43,7 +43,7 @@ def test_hybrid_layer_is_exact_on_a_gguf_grid_with_fp32_activations() -> None:
     model = nn.Sequential(dense)
     assert repack_int4(model, {"0.weight": w}, max_int4_tokens=8) == 1
     layer = model[0]
-    assert isinstance(layer, HybridInt4Linear) and layer.ours
+    assert isinstance(layer, HybridInt4Linear) and layer.kernel == "q4"  # fp32: never amx
     x = torch.randn(5, 128)
     reference = x.double() @ w.double().T
     got = layer(x)

@@ -1,0 +1,51 @@
+"""Int4 linear on AMX for decode batches (`csrc/q4_amx.cpp`): the Q4_1 codes as nibbles in
+the AMX B operand's order, the activations rounded to int8 per group of 32 as llama.cpp
+does. Where the CPU or the OS has no AMX int8, `kernel_available` is False."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from serving.kernels.build import load_kernel
+
+GROUP_SIZE = 32
+TILE = 16  # outputs per AMX B tile
+
+
+def kernel_built() -> bool:
+    """Whether the library builds here (it does on any x86-64: without AMX it only says so)."""
+    return load_kernel("q4_amx", "q4_amx_linear")
+
+
+def kernel_available() -> bool:
+    return kernel_built() and torch.ops.inferos.q4_amx_available()
+
+
+def pack_tiles(
+    q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`q [N, K]` (0..15), `scales` and `offsets` `[N, K/32]` → nibbles `[T, K/32, 256]`
+    uint8 (T = N/16 rounded up), scales `[T, K/32, 16]` and offsets `[K/32, 16 T]` fp32;
+    rows past N are zero. Within a (tile, group), the B operand's 512 bytes are `[8][16
+    outputs][4 inputs]`; byte `128 c + i` is the low nibble of packed byte `64 c + i`, byte
+    `128 c + 64 + i` its high one."""
+    n, k = q.shape
+    pad = -n % TILE
+    tiles, groups = (n + pad) // TILE, k // GROUP_SIZE
+    q = F.pad(q.to(torch.uint8), (0, 0, 0, pad))
+    b = q.view(tiles, TILE, groups, GROUP_SIZE // 4, 4).permute(0, 2, 3, 1, 4)
+    b = b.reshape(tiles, groups, 4, 2, 64)
+    packed = (b[:, :, :, 0] | (b[:, :, :, 1] << 4)).reshape(tiles, groups, 256).contiguous()
+    tiled_scales = F.pad(scales.float(), (0, 0, 0, pad)).view(tiles, TILE, groups)
+    offsets_t = F.pad(offsets.float(), (0, 0, 0, pad)).t().contiguous()
+    return packed, tiled_scales.transpose(1, 2).contiguous(), offsets_t
+
+
+def q4_amx_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, n: int
+) -> torch.Tensor:
+    """`x [M, K]` times the weight `q * scale + offset` transposed, the activations rounded
+    to int8 per group of 32: fp32 `[M, n]`."""
+    out = torch.ops.inferos.q4_amx_linear(x, packed, scales, offsets)
+    return out if out.shape[1] == n else out[:, :n]

@@ -1,0 +1,71 @@
+"""The AMX int4 kernel (`csrc/q4_amx.cpp`): equal to the dequantized matmul of the
+activations as it rounds them (int8 per group of 32, scale max|x| / 127, round half to
+even) for any row count (16-row tiles and the trimmed last one), output count (tiles
+padded) and group count; within that rounding of the exact matmul; what a bf16 model's
+`HybridInt4Linear` runs on a machine with AMX."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from serving.kernels import q4_amx
+from serving.models.int4 import HybridInt4Linear, repack_int4
+from serving.models.weight_quant import dequantize_int4, quantize_int4_groups
+from tests.unit.test_int4 import _grid_weight
+
+pytestmark = pytest.mark.skipif(
+    not q4_amx.kernel_available(), reason="no AMX int8 on this CPU (or the kernel did not build)"
+)
+
+
+def _activations_as_rounded(x: torch.Tensor) -> torch.Tensor:
+    """What the kernel multiplies: each group of 32 of a row as int8 times its scale."""
+    g = x.double().view(x.shape[0], -1, 32)
+    scale = g.abs().amax(-1, keepdim=True) / 127
+    codes = torch.where(scale > 0, g / scale.clamp(min=1e-300), 0.0).round()  # half to even
+    return (codes * scale).view_as(x)
+
+
+def _packed(n: int, k: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    q, sz = quantize_int4_groups(w, 32)
+    scale, zero = sz.float().permute(2, 1, 0)
+    return q, sz, q4_amx.pack_tiles(q, scale, zero - 8 * scale), gen
+
+
+@pytest.mark.parametrize("n,k", [(16, 32), (40, 96), (200, 576)])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 40])
+def test_equals_the_dequantized_matmul_of_the_rounded_activations(n: int, k: int, m: int) -> None:
+    q, sz, packed, gen = _packed(n, k, n * k + m)
+    codes, scales, offsets = packed
+    assert codes.shape == (-(-n // 16), k // 32, 256) and codes.dtype == torch.uint8
+    x = torch.randn(m, k, generator=gen)
+    x[0, :32] = 0.0  # an all-zero group: scale 0, no division by it
+    weight = dequantize_int4(q, sz).double()  # q * scale + offset
+    scale, zero = sz.double().permute(2, 1, 0)
+    offset = (zero - 8 * scale).repeat_interleave(32, dim=1)  # [n, k]
+    # the codes' term takes the rounded activations, the offsets' term the exact group sums
+    reference = _activations_as_rounded(x) @ (weight - offset).T + x.double() @ offset.T
+    got = q4_amx.q4_amx_linear(x, codes, scales, offsets, n)
+    assert got.shape == (m, n) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), reference, atol=1e-5 * float(reference.abs().max()))
+    exact = x.double() @ weight.T  # the activations' rounding: ~1/254 of a group's max each
+    assert torch.allclose(got.double(), exact, atol=2e-2 * float(exact.abs().max()))
+
+
+def test_a_bf16_model_runs_it_and_an_fp32_one_keeps_the_exact_kernel() -> None:
+    w = _grid_weight(96, 128, seed=4)
+    x = torch.randn(20, 128)
+    reference = x.double() @ w.double().T
+    for dtype, kernel, tolerance in ((torch.bfloat16, "amx", 2e-2), (torch.float32, "q4", 1e-5)):
+        dense = nn.Linear(128, 96, bias=False)
+        dense.weight.data = w.to(dtype)
+        model = nn.Sequential(dense)
+        assert repack_int4(model, {"0.weight": w}, max_int4_tokens=32) == 1
+        layer = model[0]
+        assert isinstance(layer, HybridInt4Linear) and layer.kernel == kernel
+        got = layer(x.to(dtype)).double()
+        assert torch.allclose(got, reference, atol=tolerance * float(reference.abs().max()))
