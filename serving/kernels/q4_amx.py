@@ -26,8 +26,8 @@ def pack_tiles(
     q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`q [N, K]` (0..15), `scales` and `offsets` `[N, K/32]` → nibbles `[T, K/32, 256]`
-    uint8 (T = N/16 rounded up), scales `[T, K/32, 16]` and offsets `[K/32, 16 T]` fp32;
-    rows past N are zero. Within a (tile, group), the B operand's 512 bytes are `[8][16
+    uint8 (T = N/16 rounded up), scales and offsets `[T, K/32, 16]` fp32; rows past N are
+    zero. Within a (tile, group), the B operand's 512 bytes are `[8][16
     outputs][4 inputs]`; byte `128 c + i` is the low nibble of packed byte `64 c + i`, byte
     `128 c + 64 + i` its high one."""
     n, k = q.shape
@@ -37,15 +37,18 @@ def pack_tiles(
     b = q.view(tiles, TILE, groups, GROUP_SIZE // 4, 4).permute(0, 2, 3, 1, 4)
     b = b.reshape(tiles, groups, 4, 2, 64)
     packed = (b[:, :, :, 0] | (b[:, :, :, 1] << 4)).reshape(tiles, groups, 256).contiguous()
-    tiled_scales = F.pad(scales.float(), (0, 0, 0, pad)).view(tiles, TILE, groups)
-    offsets_t = F.pad(offsets.float(), (0, 0, 0, pad)).t().contiguous()
-    return packed, tiled_scales.transpose(1, 2).contiguous(), offsets_t
+
+    def tiled(t: torch.Tensor) -> torch.Tensor:
+        t = F.pad(t.float(), (0, 0, 0, pad))
+        return t.view(tiles, TILE, groups).transpose(1, 2).contiguous()
+
+    return packed, tiled(scales), tiled(offsets)
 
 
 def q4_amx_linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, n: int
 ) -> torch.Tensor:
-    """`x [M, K]` times the weight `q * scale + offset` transposed, the activations rounded
-    to int8 per group of 32: fp32 `[M, n]`."""
+    """`x [M, K]` (fp32 or bf16) times the weight `q * scale + offset` transposed, the
+    activations rounded to int8 per group of 32: `[M, n]` in x's dtype (fp32 sums)."""
     out = torch.ops.inferos.q4_amx_linear(x, packed, scales, offsets)
     return out if out.shape[1] == n else out[:, :n]

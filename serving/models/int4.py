@@ -57,7 +57,7 @@ def quantize_on_grid(
 def kernel_for(group_size: int, dtype: torch.dtype) -> str:
     """The int4 kernel a layer with groups of `group_size` in a `dtype` model runs here:
     `amx` (AMX int8, bf16 models only: activations rounded to int8 per group of 32, as a
-    bf16 model's already are to 8 significant bits; at 8-32 rows ~1.6-2x faster than dense
+    bf16 model's already are to 8 significant bits; at 8-32 rows ~1.4-1.9x faster than dense
     bf16 and than `q4` from 4 rows, reading 6 bits a weight where `q4` reads 12 and bf16
     16), `q4` (activations as given, so an fp32 model's steps stay exact), or torch's."""
     if group_size == q4.GROUP_SIZE and dtype == torch.bfloat16 and q4_amx.kernel_available():
@@ -154,7 +154,7 @@ def measure_max_int4_tokens(
     `fastest_s`): as in a forward pass, each layer's weights then come from memory or a
     far cache. One layer timed alone stays in this Xeon's 300 MB L3 even after the 64 MB
     eviction and flatters the kernel that reads more bytes (dense bf16 measured level with
-    the AMX kernel at 2 rows that way; over the 30 layers the AMX kernel is 1.6x faster at
+    the AMX kernel at 2 rows that way; over the 30 layers the AMX kernel is 1.4-1.9x faster at
     8-32). On the Zen 4 int4 wins up to 8 on every SmolLM2 shape, the AMX kernel up to 32
     on the Xeon with AMX (dense bf16 from 48)."""
     from serving.models.dense_kernels import largest_winning_bucket

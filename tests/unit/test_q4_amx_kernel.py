@@ -69,3 +69,13 @@ def test_a_bf16_model_runs_it_and_an_fp32_one_keeps_the_exact_kernel() -> None:
         assert isinstance(layer, HybridInt4Linear) and layer.kernel == kernel
         got = layer(x.to(dtype)).double()
         assert torch.allclose(got, reference, atol=tolerance * float(reference.abs().max()))
+
+
+def test_bf16_activations_read_and_written_as_bf16() -> None:
+    """bf16 in, bf16 out (no cast copies around the call): the fp32 result rounded once."""
+    _, _, (codes, scales, offsets), gen = _packed(200, 576, 7)
+    x = torch.randn(9, 576, generator=gen).to(torch.bfloat16)
+    got = q4_amx.q4_amx_linear(x, codes, scales, offsets, 200)
+    want = q4_amx.q4_amx_linear(x.float(), codes, scales, offsets, 200)
+    assert got.dtype == torch.bfloat16 and got.shape == (9, 200)
+    assert torch.equal(got, want.to(torch.bfloat16))

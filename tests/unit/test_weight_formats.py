@@ -142,7 +142,7 @@ VOCAB = 256
 # the decode steps). Against the fp32 model on the same (dequantized) weights: only bf16
 # rounding, measured 1.5 %; a wrong scale, zero or layout is off by 100 % or more. The AMX
 # int4 kernel (a bf16 model's int4 layers on a CPU with AMX) rounds activations to int8 per
-# group of 32 as well, as llama.cpp does: 3.8 % on these random weights (+1.2 % perplexity on
+# group of 32 as well, as llama.cpp does: 3.8 % on these random weights (+1.1 % perplexity on
 # SmolLM2 where every step runs it, benchmarks/results/2026-12-06/int4-amx).
 SAME_WEIGHTS_TOL = 0.03
 SAME_WEIGHTS_TOL_AMX_INT4 = 0.05

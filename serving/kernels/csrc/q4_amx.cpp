@@ -1,17 +1,18 @@
 // Int4 linear on AMX for decode batches (W4A8, as llama.cpp's Q4_1 x Q8_1 AMX path):
 //   out[m, n] = sum_g xs[m, g] * scales[n, g] * sum_{j < 32} a[m, 32 g + j] * q[n, 32 g + j]
-//                   + sum_g offsets[g, n] * sum_{j < 32} x[m, 32 g + j]
+//                   + sum_g offsets[n, g] * sum_{j < 32} x[m, 32 g + j]
 // with w = q * scale + offset (q in 0..15 per group of 32 inputs: the GGUF's Q4_1 weights
 // exactly) and each group of 32 activations rounded to int8, a = round(x / xs),
 // xs = max|x| / 127, as llama.cpp rounds them before every quantized matmul; the offsets'
-// term takes the exact fp32 group sums, in one small fp32 matmul for every output.
+// term takes the exact fp32 group sums. Activations are read, and the output written, in
+// the activations' dtype (bf16 or fp32): no cast copies around the call.
 //
 // Why: on this machine kind (2 vCPUs, one core's AMX unit) a decode step of 8-32 rows is
 // bound by the core's work per weight, not by bytes alone: oneDNN's bf16 matmul runs ~11
 // GB/s of weights there. One TDPBSSD multiplies 16 rows by 16 outputs over a group straight
 // from the codes (read as nibbles: 6 bits a weight with the fp32 scales, against bf16's
 // 16); what remains per group is scaling 16 rows of int32 sums. Measured, 30 layers of
-// SmolLM2, caches cold: 1.6x faster than dense bf16 at 8-32 rows, 1.4-2x faster than the
+// SmolLM2, caches cold: 1.4-1.9x faster than dense bf16 at 8-32 rows, 1.4-2x faster than the
 // exact vector kernel (`q4_linear.cpp`) from 4 rows. Rounding to bf16 weights instead and
 // multiplying bf16 tiles (the dense path's numerics) measured slower than oneDNN: the
 // dequantization costs ~10 instructions per 32 weights at every row count. The int8
@@ -20,7 +21,7 @@
 // Layout (packed once in Python, `serving/kernels/q4_amx.py`), per tile of 16 outputs and
 // group of 32 inputs, 256 bytes: the AMX B operand [8 rows][16 outputs][4 inputs] (VNNI
 // order) as nibbles, bytes 128 c + i (i < 64) and 128 c + 64 + i the low and high nibble
-// of byte 64 c + i, c < 4; scales [N/16, K/32, 16] fp32; offsets [K/32, N/16 * 16] fp32.
+// of byte 64 c + i, c < 4; scales and offsets [N/16, K/32, 16] fp32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -75,14 +76,28 @@ void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
-// Rows [0, m_rows) of x (fp32) -> a (int8), with each group's xs and exact sum.
-void quantize_rows(const float* x, int64_t m_rows, int64_t k, int8_t* a, float* xs, float* sx) {
+inline __m512 load_floats(const float* p) { return _mm512_loadu_ps(p); }
+
+inline __m512 load_floats(const at::BFloat16* p) {  // bf16: the top half of an fp32
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline void store_floats(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+inline void store_floats(at::BFloat16* p, __m512 v) {  // round to nearest even, as torch
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// Rows [0, m_rows) of x -> a (int8), with each group's xs and exact sum.
+template <typename T>
+void quantize_rows(const T* x, int64_t m_rows, int64_t k, int8_t* a, float* xs, float* sx) {
   const int64_t groups = k / kGroup;
   at::parallel_for(0, m_rows, 4, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       for (int64_t g = 0; g < groups; ++g) {
-        const float* p = x + m * k + g * kGroup;
-        const __m512 v0 = _mm512_loadu_ps(p), v1 = _mm512_loadu_ps(p + 16);
+        const T* p = x + m * k + g * kGroup;
+        const __m512 v0 = load_floats(p), v1 = load_floats(p + 16);
         const float amax =
             _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
         const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
@@ -121,22 +136,26 @@ void unpack_tile(const uint8_t* packed, int64_t groups, uint8_t* codes) {
   } while (0)
 
 template <int R>
-inline void scale_group(const int32_t* c_tile, const float* xs, const float* scales,
-                        int64_t groups, int64_t m0, int64_t g, __m512* acc) {
+inline void scale_group(const int32_t* c_tile, const float* xs, const float* sx,
+                        const float* scales, const float* offsets, int64_t groups, int64_t m0,
+                        int64_t g, __m512* acc) {
   const __m512 d = _mm512_loadu_ps(scales + g * kTile);
+  const __m512 o = _mm512_loadu_ps(offsets + g * kTile);
   for (int r = 0; r < R; ++r) {
+    const int64_t at = (m0 + r) * groups + g;
     const __m512 dot = _mm512_cvtepi32_ps(_mm512_load_si512(c_tile + r * kTile));
-    const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(xs[(m0 + r) * groups + g]));
-    acc[r] = _mm512_fmadd_ps(dot, scale, acc[r]);
+    acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(xs[at])), acc[r]);
+    acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(sx[at]), acc[r]);
   }
 }
 
 // Rows [m0, m0 + min(R, rows)) against one tile, every group; the A tile reads 16 rows
-// whatever R is (rows past the batch are zero padding, their xs zero): R trims the scaling.
-template <int R>
-void tile_rows(const int8_t* a, const float* xs, const uint8_t* codes, const float* scales,
-               float* out, int64_t k, int64_t n, int64_t tile, int64_t m0, int64_t rows,
-               int32_t* c_tiles) {
+// whatever R is (rows past the batch are zero padding, their xs and sums zero): R trims the
+// scaling.
+template <int R, typename T>
+void tile_rows(const int8_t* a, const float* xs, const float* sx, const uint8_t* codes,
+               const float* scales, const float* offsets, T* out, int64_t k, int64_t n,
+               int64_t tile, int64_t m0, int64_t rows, int32_t* c_tiles) {
   const int64_t groups = k / kGroup;
   int32_t* c0 = c_tiles;
   int32_t* c1 = c_tiles + kRows * kTile;
@@ -144,76 +163,56 @@ void tile_rows(const int8_t* a, const float* xs, const uint8_t* codes, const flo
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; g += 2) {
     DOT_GROUP(0, 1, 2, a, codes, k, m0, g, c0);
-    if (g > 0) scale_group<R>(c1, xs, scales, groups, m0, g - 1, acc);
+    if (g > 0) scale_group<R>(c1, xs, sx, scales, offsets, groups, m0, g - 1, acc);
     if (g + 1 < groups) DOT_GROUP(3, 4, 5, a, codes, k, m0, g + 1, c1);
-    scale_group<R>(c0, xs, scales, groups, m0, g, acc);
+    scale_group<R>(c0, xs, sx, scales, offsets, groups, m0, g, acc);
   }
-  if (groups % 2 == 0) scale_group<R>(c1, xs, scales, groups, m0, groups - 1, acc);
-  for (int r = 0; r < R && r < rows; ++r) {
-    _mm512_storeu_ps(out + (m0 + r) * n + tile * kTile, acc[r]);
-  }
+  if (groups % 2 == 0) scale_group<R>(c1, xs, sx, scales, offsets, groups, m0, groups - 1, acc);
+  for (int r = 0; r < R && r < rows; ++r) store_floats(out + (m0 + r) * n + tile * kTile, acc[r]);
 }
 
-void tile_all_rows(const int8_t* a, const float* xs, const uint8_t* codes, const float* scales,
-                   float* out, int64_t m_rows, int64_t k, int64_t n, int64_t tile,
-                   int32_t* c_tiles) {
+template <typename T>
+void tile_all_rows(const int8_t* a, const float* xs, const float* sx, const uint8_t* codes,
+                   const float* scales, const float* offsets, T* out, int64_t m_rows, int64_t k,
+                   int64_t n, int64_t tile, int32_t* c_tiles) {
+#define TILE_ROWS(R, rows) \
+  tile_rows<R>(a, xs, sx, codes, scales, offsets, out, k, n, tile, m, rows, c_tiles)
   int64_t m = 0;
-  for (; m + kRows <= m_rows; m += kRows) {
-    tile_rows<16>(a, xs, codes, scales, out, k, n, tile, m, kRows, c_tiles);
-  }
+  for (; m + kRows <= m_rows; m += kRows) TILE_ROWS(16, kRows);
   const int64_t left = m_rows - m;
   if (left == 0) return;
   if (left <= 1) {
-    tile_rows<1>(a, xs, codes, scales, out, k, n, tile, m, left, c_tiles);
+    TILE_ROWS(1, left);
   } else if (left <= 2) {
-    tile_rows<2>(a, xs, codes, scales, out, k, n, tile, m, left, c_tiles);
+    TILE_ROWS(2, left);
   } else if (left <= 4) {
-    tile_rows<4>(a, xs, codes, scales, out, k, n, tile, m, left, c_tiles);
+    TILE_ROWS(4, left);
   } else if (left <= 8) {
-    tile_rows<8>(a, xs, codes, scales, out, k, n, tile, m, left, c_tiles);
+    TILE_ROWS(8, left);
   } else {
-    tile_rows<16>(a, xs, codes, scales, out, k, n, tile, m, left, c_tiles);
+    TILE_ROWS(16, left);
   }
+#undef TILE_ROWS
 }
-#else
-constexpr bool kBuilt = false;
-bool amx_permitted() { return false; }
-#endif
 
-bool q4_amx_available() { return kBuilt && amx_permitted(); }
-
-at::Tensor q4_amx_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                         const at::Tensor& offsets) {
-  TORCH_CHECK(q4_amx_available(), "q4_amx_linear: no AMX int8 here");
-  TORCH_CHECK(x.dim() == 2, "q4_amx_linear: x must be [M, K]");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kPacked && packed.scalar_type() == at::kByte,
-              "q4_amx_linear: packed must be uint8 [N/16, K/32, 256]");
+template <typename T>
+void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+         const at::Tensor& offsets, at::Tensor& out) {
   const int64_t m_rows = x.size(0), k = x.size(1), tiles = packed.size(0), n = tiles * kTile;
   const int64_t groups = k / kGroup;
-  TORCH_CHECK(k % kGroup == 0 && packed.size(1) == groups,
-              "q4_amx_linear: K must match, a multiple of 32");
-  TORCH_CHECK(scales.dim() == 3 && scales.scalar_type() == at::kFloat && scales.size(0) == tiles &&
-                  scales.size(1) == groups && scales.size(2) == kTile,
-              "q4_amx_linear: scales must be float32 [N/16, K/32, 16]");
-  TORCH_CHECK(offsets.dim() == 2 && offsets.scalar_type() == at::kFloat &&
-                  offsets.size(0) == groups && offsets.size(1) == n,
-              "q4_amx_linear: offsets must be float32 [K/32, N/16 * 16]");
-  at::Tensor out = at::empty({m_rows, n}, x.options().dtype(at::kFloat));
-  if (m_rows == 0) return out;
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__)
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
   const int64_t m_pad = (m_rows + kRows - 1) / kRows * kRows;
   at::Tensor a = at::zeros({m_pad, k}, x.options().dtype(at::kChar));
   at::Tensor xs = at::zeros({m_pad, groups}, x.options().dtype(at::kFloat));
-  at::Tensor sx = at::empty({m_rows, groups}, x.options().dtype(at::kFloat));
-  quantize_rows(xf.data_ptr<float>(), m_rows, k, a.data_ptr<int8_t>(), xs.data_ptr<float>(),
+  at::Tensor sx = at::zeros({m_pad, groups}, x.options().dtype(at::kFloat));
+  quantize_rows(x.data_ptr<T>(), m_rows, k, a.data_ptr<int8_t>(), xs.data_ptr<float>(),
                 sx.data_ptr<float>());
-  const at::Tensor p = packed.contiguous(), s = scales.contiguous();
   const int8_t* ap = a.data_ptr<int8_t>();
   const float* xsp = xs.data_ptr<float>();
-  const uint8_t* pp = p.data_ptr<uint8_t>();
-  const float* sp = s.data_ptr<float>();
-  float* outp = out.data_ptr<float>();
+  const float* sxp = sx.data_ptr<float>();
+  const uint8_t* pp = packed.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* op = offsets.data_ptr<float>();
+  T* outp = out.data_ptr<T>();
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
     configure_tiles();
     std::vector<uint8_t> buffer(groups * kUnpacked + 2 * kRows * kTile * 4 + 64);
@@ -222,11 +221,47 @@ at::Tensor q4_amx_linear(const at::Tensor& x, const at::Tensor& packed, const at
     int32_t* c_tiles = reinterpret_cast<int32_t*>(codes + groups * kUnpacked);
     for (int64_t t = begin; t < end; ++t) {
       unpack_tile(pp + t * groups * kPacked, groups, codes);
-      tile_all_rows(ap, xsp, codes, sp + t * groups * kTile, outp, m_rows, k, n, t, c_tiles);
+      const int64_t at = t * groups * kTile;
+      tile_all_rows(ap, xsp, sxp, codes, sp + at, op + at, outp, m_rows, k, n, t, c_tiles);
     }
     _tile_release();
   });
-  out.addmm_(sx, offsets);  // the offsets' term, for every output at once
+}
+#else
+constexpr bool kBuilt = false;
+bool amx_permitted() { return false; }
+#endif
+
+bool q4_amx_available() { return kBuilt && amx_permitted(); }
+
+at::Tensor q4_amx_linear(const at::Tensor& x_in, const at::Tensor& packed_in,
+                         const at::Tensor& scales_in, const at::Tensor& offsets_in) {
+  TORCH_CHECK(q4_amx_available(), "q4_amx_linear: no AMX int8 here");
+  TORCH_CHECK(x_in.dim() == 2, "q4_amx_linear: x must be [M, K]");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "q4_amx_linear: x must be float32 or bfloat16");
+  TORCH_CHECK(packed_in.dim() == 3 && packed_in.size(2) == kPacked &&
+                  packed_in.scalar_type() == at::kByte,
+              "q4_amx_linear: packed must be uint8 [N/16, K/32, 256]");
+  const int64_t m_rows = x_in.size(0), k = x_in.size(1), tiles = packed_in.size(0);
+  const int64_t groups = k / kGroup;
+  TORCH_CHECK(k % kGroup == 0 && packed_in.size(1) == groups,
+              "q4_amx_linear: K must match, a multiple of 32");
+  for (const at::Tensor* t : {&scales_in, &offsets_in}) {
+    TORCH_CHECK(t->dim() == 3 && t->scalar_type() == at::kFloat && t->size(0) == tiles &&
+                    t->size(1) == groups && t->size(2) == kTile,
+                "q4_amx_linear: scales and offsets must be float32 [N/16, K/32, 16]");
+  }
+  at::Tensor out = at::empty({m_rows, tiles * kTile}, x_in.options());
+  if (m_rows == 0) return out;
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__)
+  const at::Tensor x = x_in.contiguous(), packed = packed_in.contiguous();
+  const at::Tensor scales = scales_in.contiguous(), offsets = offsets_in.contiguous();
+  if (x.scalar_type() == at::kFloat) {
+    run<float>(x, packed, scales, offsets, out);
+  } else {
+    run<at::BFloat16>(x, packed, scales, offsets, out);
+  }
 #endif
   return out;
 }
