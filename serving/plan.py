@@ -29,11 +29,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # GGUF-grid weights, which the plan cannot see from the folder, so it counts them as there.
 # The int4 codes a byte each (`serving/kernels/q4_linear.py`) and int4's qkv at int8 added
 # 0.245 (auto) and 0.208 (int4) of the bf16 bytes (`memory.tensor_bytes` of the loaded
-# model before and after, 2026-12-06). On a CPU with AMX the int4 packs are nibbles
-# (`serving/kernels/q4_amx.py`): auto +0.295 and int4 +0.318 against the byte codes' +0.491
-# and +0.484 (`memory.tensor_bytes`, 2026-12-06); the plan keeps the larger figures, which
-# hold on every CPU.
-FORMAT_EXTRA = {"bf16": 0.0, "auto": 0.61, "int8": 0.56, "int4": 0.57}
+# model before and after, 2026-12-06). On a CPU with AMX the int4 layers keep nibble packs
+# for the AMX kernel beside the byte codes (`serving/models/int4.py`, EXACT_ROWS): +0.196
+# (auto) and +0.165 (int4) of the bf16 bytes more (nibbles a quarter of bf16's bytes, over
+# the int4 layers' share; the scales are shared).
+FORMAT_EXTRA = {"bf16": 0.0, "auto": 0.81, "int8": 0.56, "int4": 0.74}
 WORKSPACE_FLOATS_PER_TOKEN = 16  # hidden-size multiples alive in one layer of one step
 FITS_FRACTION = 0.9  # of the available memory: the OS, Ray and the ingress need the rest
 

@@ -54,6 +54,13 @@ def quantize_on_grid(
     return q.view(n, k).to(torch.int32), scales_and_zeros
 
 
+# On a CPU with AMX, steps of up to this many rows (a single stream, small batches, their
+# speculative verifies) still run the exact kernel: the int8 activations' rounding flips
+# near-tie tokens against a bf16 reference (the vLLM hand-over's greedy checks), and at
+# these sizes the exact kernel is within ~1.2x of the AMX one (layers_cold, 1-8 rows).
+EXACT_ROWS = 8
+
+
 def kernel_for(group_size: int, dtype: torch.dtype) -> str:
     """The int4 kernel a layer with groups of `group_size` in a `dtype` model runs here:
     `amx` (AMX int8, bf16 models only: activations rounded to int8 per group of 32, as a
@@ -84,13 +91,17 @@ class HybridInt4Linear(nn.Module):
         self.max_int4_tokens = max_int4_tokens
         self.group_size = group_size  # inputs per (scale, zero): Q4_1's 32, or `model.weights`'
         self.kernel = kernel_for(group_size, linear.weight.dtype)
+        # steps of up to EXACT_ROWS rows on the AMX machine: the exact kernel's byte codes
+        self.codes_exact: torch.Tensor | None = None
         if self.kernel in ("amx", "q4"):  # exact scales (fp32): the GGUF's own weights
             scale, zero = scales_and_zeros.float().permute(2, 1, 0)  # 2 x [N, K/g]
             pack = q4_amx.pack_tiles if self.kernel == "amx" else q4.pack_tiles
             codes, scales, offsets = pack(q, scale, zero - 8 * scale)
             self.register_buffer("codes", codes)
-            self.register_buffer("scales", scales)
+            self.register_buffer("scales", scales)  # [N/16, K/32, 16]: both kernels' layout
             self.register_buffer("offsets", offsets)
+            if self.kernel == "amx" and q4.kernel_available():
+                self.codes_exact = q4.pack_tiles(q, scale, zero - 8 * scale)[0]
         else:
             self.register_buffer(
                 "packed", _ops._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
@@ -106,6 +117,10 @@ class HybridInt4Linear(nn.Module):
             if self.dense is not None:
                 return self.dense(x)
             return F.linear(x, self.weight, self.bias)
+        if self.codes_exact is not None and x.shape[0] <= EXACT_ROWS:
+            out = q4.q4_linear(x, self.codes_exact, self.scales, self.offsets, self.weight.shape[0])
+            out = out.to(x.dtype)
+            return out if self.bias is None else out + self.bias
         if self.kernel in ("amx", "q4"):
             run = q4_amx.q4_amx_linear if self.kernel == "amx" else q4.q4_linear
             out = run(x, self.codes, self.scales, self.offsets, self.weight.shape[0])

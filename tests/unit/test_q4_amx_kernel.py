@@ -79,3 +79,22 @@ def test_bf16_activations_read_and_written_as_bf16() -> None:
     want = q4_amx.q4_amx_linear(x.float(), codes, scales, offsets, 200)
     assert got.dtype == torch.bfloat16 and got.shape == (9, 200)
     assert torch.equal(got, want.to(torch.bfloat16))
+
+
+def test_small_steps_keep_the_exact_kernel_beside_it() -> None:
+    """Up to `EXACT_ROWS` rows a bf16 model's layer runs the exact kernel (the activations
+    as given), above them the AMX one."""
+    from serving.kernels import q4_linear as q4
+    from serving.models.int4 import EXACT_ROWS
+
+    w = _grid_weight(96, 128, seed=5)
+    dense = nn.Linear(128, 96, bias=False)
+    dense.weight.data = w.to(torch.bfloat16)
+    model = nn.Sequential(dense)
+    assert repack_int4(model, {"0.weight": w}, max_int4_tokens=32) == 1
+    layer = model[0]
+    assert layer.kernel == "amx" and layer.codes_exact is not None
+    for rows, exact in ((EXACT_ROWS, True), (EXACT_ROWS + 1, False)):
+        x = torch.randn(rows, 128).to(torch.bfloat16)
+        by_q4 = q4.q4_linear(x, layer.codes_exact, layer.scales, layer.offsets, 96)
+        assert torch.equal(layer(x), by_q4.to(torch.bfloat16)) == exact
