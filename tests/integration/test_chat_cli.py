@@ -80,8 +80,11 @@ def test_chat_streams_keeps_history_changes_policy_and_stops_on_ctrl_c(app) -> N
             assert http.get("/v1/policy").json()["kv_profile"] == "aggressive"
         term.type("/profile no-such-profile")
         term.wait_for(lambda out: "refused (4" in out)
+        prompts = term.prompts()
         term.type("/profile baseline")  # the shared app's policy back as it was
-        term.wait_for(lambda out: out.count("policy:") >= 2)
+        # the whole policy line and the next prompt: otherwise the rest of that line, still
+        # arriving, passes for the story's first 40 characters and Ctrl-C lands at the prompt
+        term.wait_for(lambda out: out.count("policy:") >= 2 and term.prompts() > prompts)
 
         # Ctrl-C while an answer is written stops it; the chat goes on
         before = len(term.output)
