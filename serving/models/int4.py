@@ -211,17 +211,22 @@ def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
     for m in layers:
         by_shape.setdefault(shape_of(m), []).append(m)
 
+    def cap_for(group: int) -> int:
+        # only the AMX kernel goes past EXACT_ROWS: the exact and torch kernels keep the
+        # cap they had before it (an fp32 model's steps, CPUs without AMX)
+        return cap if kernel_for(group, dtype) == "amx" else min(cap, EXACT_ROWS)
+
     def key(n: int, k: int, group: int) -> str:
         # v7: buckets to 64, over every layer of the shape; our kernels (group 32) or
         # torch's, against the prepacked dense path, caches cold; other groups
         # (`model.weights: int4`) are measured apart
         group_tag = "" if group == GROUP_SIZE else f" g{group}"
         kernel = kernel_for(group, dtype)
-        return f"int4 tokens<={cap}{group_tag} {kernel} v7|" + cache_key(dtype, n, k)
+        return f"int4 tokens<={cap_for(group)}{group_tag} {kernel} v7|" + cache_key(dtype, n, k)
 
     keys = {shape: key(*shape) for shape in by_shape}
     measures = {
-        keys[shape]: (lambda m=m: measure_max_int4_tokens(m, dtype, cap))
+        keys[shape]: (lambda m=m, c=cap_for(shape[2]): measure_max_int4_tokens(m, dtype, c))
         for shape, m in by_shape.items()
     }
     known = measured_once(measures, "int4 kernel")
