@@ -26,15 +26,22 @@ def pack_tiles(
     `[ceil(N/16), K/32, 16]` fp32 (rows past N are zero)."""
     n = q.shape[0]
     pad = -n % TILE
-    q = torch.nn.functional.pad(q.to(torch.uint8), (0, 0, 0, pad))
     tiles = (n + pad) // TILE
-    codes = q.view(tiles, TILE, -1).transpose(1, 2).contiguous()  # [tiles, K, 16]
+    codes = pack_codes(q)
 
     def tiled(t: torch.Tensor) -> torch.Tensor:
         t = torch.nn.functional.pad(t.float(), (0, 0, 0, pad))
         return t.view(tiles, TILE, -1).transpose(1, 2).contiguous()
 
     return codes, tiled(scales), tiled(offsets)
+
+
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """The codes half of `pack_tiles`: `q [N, K]` → `[ceil(N/16), K, 16]` uint8."""
+    n = q.shape[0]
+    pad = -n % TILE
+    q = torch.nn.functional.pad(q.to(torch.uint8), (0, 0, 0, pad))
+    return q.view((n + pad) // TILE, TILE, -1).transpose(1, 2).contiguous()  # [tiles, K, 16]
 
 
 def q4_linear(

@@ -101,7 +101,7 @@ class HybridInt4Linear(nn.Module):
             self.register_buffer("scales", scales)  # [N/16, K/32, 16]: both kernels' layout
             self.register_buffer("offsets", offsets)
             if self.kernel == "amx" and q4.kernel_available():
-                self.codes_exact = q4.pack_tiles(q, scale, zero - 8 * scale)[0]
+                self.codes_exact = q4.pack_codes(q)
         else:
             self.register_buffer(
                 "packed", _ops._convert_weight_to_int4pack_for_cpu(q, INNER_K_TILES)
