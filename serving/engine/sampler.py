@@ -16,6 +16,7 @@ import torch
 from serving.engine.logits_processors import Row, process, speculative_rows
 from serving.engine.sampling_params import SamplingParams
 from serving.engine.sequence import Sequence
+from serving.kernels.greedy import argmax_rows
 
 # Mixes the request seed with the token's position so a seeded request samples the same
 # token whichever replica (prefill or decode) draws it.
@@ -90,8 +91,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: tuple[int, ...])
     """logits `[num_seqs, vocab]` (fp32, modified in place), one row per sequence in `seqs`."""
     process(logits, [Row(s) for s in seqs], eos_ids)  # the whole batch at once
     # a greedy row's distribution is its processed row of `logits`: one batched argmax
-    # answers them all; the sampled rows are drawn one by one
-    tokens = logits.argmax(dim=-1).tolist()
+    # answers them all (a vectorised kernel: torch's argmax reads one value at a time); the
+    # sampled rows are drawn one by one
+    tokens = argmax_rows(logits).tolist()
     for row, seq in enumerate(seqs):
         if not seq.params.greedy:
             dist = _row_distribution(logits[row], seq.params)

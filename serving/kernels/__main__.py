@@ -2,7 +2,7 @@
 does), so that no server's first decode step waits for a compiler.
 
 Each kernel compiles in its own process, all at once: one g++ is single-threaded, so on two
-cores the five builds take less than half the time one after the other (the fresh-clone CI
+cores the six builds take less than half the time one after the other (the fresh-clone CI
 pays this every run). `python -m serving.kernels NAME` builds one."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from serving.kernels import fused_ops, paged_attention, q4_amx, q4_linear, q8_linear
+from serving.kernels import fused_ops, greedy, paged_attention, q4_amx, q4_linear, q8_linear
 
 KERNELS: dict[str, Callable[[], bool]] = {
     "paged_attention": paged_attention.kernel_available,
@@ -20,6 +20,7 @@ KERNELS: dict[str, Callable[[], bool]] = {
     "q4_linear": q4_linear.kernel_available,
     "q4_amx": q4_amx.kernel_built,  # built everywhere; runs where the CPU has AMX
     "fused_ops": fused_ops.kernel_available,
+    "greedy": greedy.kernel_available,
 }
 
 

@@ -74,30 +74,49 @@ def _median_s(fn: Callable[[], object]) -> float:
     return statistics.median(times)
 
 
-# Larger than any CPU's last-level cache we run on (32 MiB here): written before each timed
-# run, it evicts the weights a kernel is measured with.
-_EVICT_BYTES = 64 * 2**20
+# Larger than most CPUs' last-level cache we run on (32 MiB on the Zen 4 EPYC): written
+# before each timed run, it evicts the weights a kernel is measured with.
+EVICT_BYTES = 64 * 2**20
 _evict_buffer: torch.Tensor | None = None
 
 
 def _evict_caches() -> None:
     global _evict_buffer
     if _evict_buffer is None:
-        _evict_buffer = torch.zeros(_EVICT_BYTES // 4)
+        _evict_buffer = torch.zeros(EVICT_BYTES // 4)
     _evict_buffer.add_(1.0)
 
 
-def fastest_s(fn: Callable[[], object], repeats: int = 7) -> float:
-    """The fastest of a few runs of `fn` (after a warm-up), each started with cold caches:
-    interference from other work only ever adds time, so the minimum is the least noisy
-    estimate on a shared box; and in a model's forward pass every layer's weights come from
-    memory (SmolLM2's 270 MB against a 32 MB L3), so a layer timed with its weights hot
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache the OS reports (0 where it reports none). A VM may report a
+    host's whole L3 (300 MB on the AMX Xeon VM): more than `EVICT_BYTES` evicts."""
+    largest = 0
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = size_file.read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        scale = units.get(text[-1:], 1)
+        digits = text[:-1] if text[-1:] in units else text
+        if digits.isdigit():
+            largest = max(largest, int(digits) * scale)
+    return largest
+
+
+def fastest_s(
+    fn: Callable[[], object], repeats: int = 7, evict: Callable[[], object] = _evict_caches
+) -> float:
+    """The fastest of a few runs of `fn` (after a warm-up), each started with cold caches
+    (`evict`): interference from other work only ever adds time, so the minimum is the least
+    noisy estimate on a shared box; and in a model's forward pass every layer's weights come
+    from memory (SmolLM2's 270 MB against a 32 MB L3), so a layer timed with its weights hot
     in cache flatters the kernel that reads more bytes (bf16 against int4: hot, bf16 won
     from 2 tokens; the engine's single-stream speculative steps then slowed 8.7 -> 11.6 ms)."""
     fn()
     best = float("inf")
     for _ in range(repeats):
-        _evict_caches()
+        evict()
         started = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - started)
@@ -110,14 +129,23 @@ def largest_winning_bucket(
     dtype: torch.dtype,
     fast: Callable[[torch.Tensor], object],
     dense: Callable[[torch.Tensor], object],
+    evict_bytes: int = EVICT_BYTES,
+    margin: float = 1.0,
 ) -> int:
     """The largest of `buckets` (row counts, ascending) up to which `fast` beats `dense` at
-    every bucket, timed on random `[rows, in_features]` inputs; 0 if it never does."""
+    every bucket by `margin` (fast's time x margin < dense's), timed on random
+    `[rows, in_features]` inputs with `evict_bytes` written before each run; 0 if it never
+    does."""
+    evict: Callable[[], object] = _evict_caches
+    if evict_bytes > EVICT_BYTES:
+        big = torch.zeros(evict_bytes // 4)  # freed on return: only this measurement needs it
+        evict = lambda: big.add_(1.0)  # noqa: E731
     gen = torch.Generator().manual_seed(0)
     best = 0
     for rows in buckets:
         x = torch.randn(rows, in_features, generator=gen).to(dtype)
-        if fastest_s(lambda x=x: fast(x)) >= fastest_s(lambda x=x: dense(x)):
+        fast_s = fastest_s(lambda x=x: fast(x), evict=evict)
+        if fast_s * margin >= fastest_s(lambda x=x: dense(x), evict=evict):
             break
         best = rows
     return best

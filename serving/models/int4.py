@@ -54,11 +54,17 @@ def quantize_on_grid(
     return q.view(n, k).to(torch.int32), scales_and_zeros
 
 
-# On a CPU with AMX, steps of up to this many rows (a single stream, small batches, their
-# speculative verifies) still run the exact kernel: the int8 activations' rounding flips
-# near-tie tokens against a bf16 reference (the vLLM hand-over's greedy checks), and at
-# these sizes the exact kernel is within ~1.2x of the AMX one (layers_cold, 1-8 rows).
-EXACT_ROWS = 8
+# On a CPU with AMX, steps of up to this many rows (a single stream's step and its
+# speculative verify of 1 + `speculation.k_max` = 4 tokens, small batches) still run the
+# exact kernel: the int8 activations' rounding flips near-tie tokens against a bf16
+# reference (the vLLM hand-over's greedy checks decode 3 rows). Above it AMX runs: a c=8
+# decode step measured 41.2 -> 32.1 ms with AMX at 8 rows (/tmp A/B in one engine, 12 rounds),
+# a 3-row one 22.2 -> 17.3 ms, so a larger exact range costs batches dearly.
+EXACT_ROWS = 4
+
+# The exact and torch kernels (fp32 models, CPUs without AMX) run int4 up to this many rows
+# at most: what they did before `model.int4_max_tokens` went to 64 for the AMX kernel.
+NON_AMX_MAX_ROWS = 8
 
 
 def kernel_for(group_size: int, dtype: torch.dtype) -> str:
@@ -212,9 +218,9 @@ def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
         by_shape.setdefault(shape_of(m), []).append(m)
 
     def cap_for(group: int) -> int:
-        # only the AMX kernel goes past EXACT_ROWS: the exact and torch kernels keep the
-        # cap they had before it (an fp32 model's steps, CPUs without AMX)
-        return cap if kernel_for(group, dtype) == "amx" else min(cap, EXACT_ROWS)
+        # only the AMX kernel goes past NON_AMX_MAX_ROWS: the exact and torch kernels keep
+        # the cap they had before it (an fp32 model's steps, CPUs without AMX)
+        return cap if kernel_for(group, dtype) == "amx" else min(cap, NON_AMX_MAX_ROWS)
 
     def key(n: int, k: int, group: int) -> str:
         # v7: buckets to 64, over every layer of the shape; our kernels (group 32) or

@@ -3,6 +3,8 @@ product either way (up to bf16 rounding); the measurement yields a bucket or NEV
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from serving.models.dense_kernels import BUCKETS, NEVER, DenseLinear, measure_fp32_min_tokens
@@ -95,3 +97,30 @@ def test_prepacked_bf16_path_is_bit_identical_to_f_linear() -> None:
         for rows in (1, 3, 9, 32, 77, 512):
             x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
             assert torch.equal(layer(x), torch.nn.functional.linear(x, w, bias))
+
+
+def test_winning_bucket_needs_the_margin_and_evicts_as_asked() -> None:
+    """`fast` must beat `dense` by `margin` at every bucket; the eviction buffer asked for
+    (here 2 MiB past the default) is written before every timed run."""
+    import time
+
+    from serving.models.dense_kernels import EVICT_BYTES, largest_winning_bucket
+
+    def sleeper(ms: float):
+        return lambda x: time.sleep(ms / 1e3)
+
+    buckets = (1, 2, 4)
+    fast, dense = sleeper(1.0), sleeper(10.0)
+    assert largest_winning_bucket(buckets, 8, torch.float32, fast, dense, margin=2.0) == 4
+    assert largest_winning_bucket(buckets, 8, torch.float32, fast, dense, margin=20.0) == 0
+    bigger = EVICT_BYTES + 2 * 2**20
+    assert largest_winning_bucket(buckets, 8, torch.float32, fast, dense, bigger, 2.0) == 4
+
+
+def test_last_level_cache_is_read_from_sysfs() -> None:
+    from serving.models.dense_kernels import last_level_cache_bytes
+
+    size = last_level_cache_bytes()
+    assert size >= 0
+    if Path("/sys/devices/system/cpu/cpu0/cache/index0/size").exists():
+        assert size >= 2**15  # at least an L1's 32 KiB

@@ -124,6 +124,19 @@ struct Item {
   int64_t token_stride;
 };
 
+// Blocks sit anywhere in the pool, so the hardware prefetcher cannot run ahead of a jump
+// to the next one: ask for the next block's rows of this head (K or V) while this block is
+// computed: `row_elems` values of each of `n` tokens, `token_stride` values apart. At c=32
+// (SmolLM2's 30 layers, contexts 96-192, bf16) the calls went 12.1 -> 8.0 ms with it.
+template <typename C>
+inline void prefetch_block(const C* first, int64_t n, int64_t token_stride, int64_t row_elems) {
+  const int64_t row_bytes = row_elems * static_cast<int64_t>(sizeof(C));
+  for (int64_t j = 0; j < n; ++j) {
+    const char* row = reinterpret_cast<const char*>(first + j * token_stride);
+    for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(row + off, 0, 3);
+  }
+}
+
 // qf: the group's queries, fp32, pre-scaled, [group, head_dim]; out: fp32 [group, head_dim].
 template <typename C, int G, int NC>
 void item_vectorized(const Item<C>& it, const float* qf, float* scores, float* out) {
@@ -136,6 +149,14 @@ void item_vectorized(const Item<C>& it, const float* qf, float* scores, float* o
   for (int64_t t0 = 0; t0 < it.len; t0 += it.block_size) {
     const int64_t base = it.table[t0 / it.block_size] * it.block_size * it.token_stride;
     const int64_t n = std::min(it.block_size, it.len - t0);
+    if (t0 + it.block_size < it.len) {
+      const int64_t next = it.table[t0 / it.block_size + 1] * it.block_size * it.token_stride;
+      prefetch_block(it.k_base + next, std::min(it.block_size, it.len - t0 - it.block_size),
+                     it.token_stride, NC * kLanes);
+    } else {  // the last K block: the V pass starts at the first V block
+      prefetch_block(it.v_base + it.table[0] * it.block_size * it.token_stride,
+                     std::min(it.block_size, it.len), it.token_stride, NC * kLanes);
+    }
     for (int64_t j = 0; j < n; ++j) {
       const C* kr = it.k_base + base + j * it.token_stride;
       vfloat kv[NC];
@@ -154,6 +175,11 @@ void item_vectorized(const Item<C>& it, const float* qf, float* scores, float* o
   for (int64_t t0 = 0; t0 < it.len; t0 += it.block_size) {
     const int64_t base = it.table[t0 / it.block_size] * it.block_size * it.token_stride;
     const int64_t n = std::min(it.block_size, it.len - t0);
+    if (t0 + it.block_size < it.len) {
+      const int64_t next = it.table[t0 / it.block_size + 1] * it.block_size * it.token_stride;
+      prefetch_block(it.v_base + next, std::min(it.block_size, it.len - t0 - it.block_size),
+                     it.token_stride, NC * kLanes);
+    }
     for (int64_t j = 0; j < n; ++j) {
       const C* vr = it.v_base + base + j * it.token_stride;
       vfloat vv[NC];
