@@ -12,6 +12,7 @@ from ray import serve
 from ray.exceptions import RayError
 
 from deployments.engine_replica import EngineReplica
+from deployments.stream_interval import stream_interval
 from deployments.subscribers import CHECK_PERIOD_S, subscriber_alive
 from policies.runtime import RuntimePolicy
 from serving.engine.engine import LLMEngine, StepOutput
@@ -82,9 +83,10 @@ class DecodeServer(EngineReplica):
         return self._queues.setdefault(subscriber_id, asyncio.Queue())
 
     def _on_outputs(self, outputs: list[StepOutput]) -> None:
-        """Route each step's tokens to their ingress; with `stream_interval` N > 1 a
+        """Route each step's tokens to their ingress; with a stream interval N > 1 a
         request's tokens are held until N have gathered (or it finished), as vLLM's
         --stream-interval does, so the hops behind us pay per N tokens, not per token."""
+        interval = stream_interval(self.stream_interval, len(outputs))
         by_subscriber: dict[str, list[TokenDelta]] = {}
         for out in outputs:
             storing = out.finished and out.req_id in self._storing
@@ -98,7 +100,7 @@ class DecodeServer(EngineReplica):
                 self._held_logprobs.setdefault(out.req_id, []).extend(out.logprobs)
             # a request's first token always goes out at once: it is the TTFT
             first = out.req_id not in self._streamed
-            if not (first or out.finished or len(held) >= self.stream_interval):
+            if not (first or out.finished or len(held) >= interval):
                 continue
             self._streamed.add(out.req_id)
             del self._held[out.req_id]

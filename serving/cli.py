@@ -40,7 +40,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--telemetry-dir", help="write live metrics as JSON lines every second to this folder"
     )
     p.add_argument(
-        "--stream-interval", type=int, help="engine steps per streamed chunk (default 1)"
+        "--stream-interval",
+        type=int,
+        help="engine steps per streamed chunk (default: by load, 1 for a few streams, "
+        "up to 8 at 32 and more)",
     )
     p.add_argument(
         "--pd-mode",

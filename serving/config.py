@@ -181,8 +181,11 @@ class SchedulingSettings(_Strict):
         "prompts prefill on the decode replica, and where prefill and decode would share one "
         "node's CPU cores no prefill replica is started at all (one engine per node)",
     )
-    stream_interval: PositiveInt = Field(
-        1, description="Engine steps per streamed chunk (like vLLM's --stream-interval)"
+    stream_interval: PositiveInt | None = Field(
+        None,
+        description="Engine steps per streamed chunk (like vLLM's --stream-interval); None: "
+        "by load, every step while few sequences run, up to 8 steps at 32 and more "
+        "(`deployments/stream_interval.py`); a request's first token always goes out at once",
     )
     request_timeout_s: float | None = Field(
         600.0,

@@ -5,7 +5,7 @@ dequantized from Q4_1 lie exactly on a 16-level grid per group of 32 inputs
 (`w = min + q * (max - min) / 15`), so they can be packed back into 4 bits and multiplied
 with our AMX kernel where the CPU has AMX int8 (`serving/kernels/q4_amx.py`: codes as
 nibbles, activations quantized to int8 per group of 32 as llama.cpp does), else our vector
-kernel (`serving/kernels/q4_linear.py`: codes a byte each, fp32 scales and offsets, so
+kernel (`serving/kernels/q4_linear.py`: codes two a byte, fp32 scales and offsets, so
 exactly the GGUF's weights), or torch's int4 CPU kernel where neither can be built (bf16
 scales). A kernel loses to dense bf16 matmul once the batch is compute-bound, so each layer
 keeps both and picks by the number of tokens in the step.
@@ -97,7 +97,7 @@ class HybridInt4Linear(nn.Module):
         self.max_int4_tokens = max_int4_tokens
         self.group_size = group_size  # inputs per (scale, zero): Q4_1's 32, or `model.weights`'
         self.kernel = kernel_for(group_size, linear.weight.dtype)
-        # steps of up to EXACT_ROWS rows on the AMX machine: the exact kernel's byte codes
+        # steps of up to EXACT_ROWS rows on the AMX machine: the exact kernel's codes
         self.codes_exact: torch.Tensor | None = None
         if self.kernel in ("amx", "q4"):  # exact scales (fp32): the GGUF's own weights
             scale, zero = scales_and_zeros.float().permute(2, 1, 0)  # 2 x [N, K/g]

@@ -24,7 +24,7 @@ def test_equals_the_dequantized_matmul(n: int, k: int, m: int) -> None:
     q, sz = quantize_int4_groups(w, 32)
     scale, zero = sz.float().permute(2, 1, 0)
     codes, scales, offsets = q4.pack_tiles(q, scale, zero - 8 * scale)
-    assert codes.shape == (-(-n // 16), k, 16) and codes.dtype == torch.uint8
+    assert codes.shape == (-(-n // 16), k // 2, 16) and codes.dtype == torch.uint8
     x = torch.randn(m, k, generator=gen)
     reference = x.double() @ dequantize_int4(q, sz).double().T
     got = q4.q4_linear(x, codes, scales, offsets, n)

@@ -7,14 +7,16 @@
 // (`q8_linear.cpp`): 16 output rows per tile, one input broadcast against 16 rows' weights
 // per vector FMA.
 //
-// The codes are stored a byte each, not two per byte: at 1-8 rows these kernels are bound
-// by instructions per weight, not by bytes read (measured on the Xeon with AMX, 2 threads:
-// unpacking nibbles made every SmolLM2 shape ~2x slower than the int8 kernel at 1 row, and
-// 1.4-1.5x slower than torch's `_weight_int4pack_mm_for_cpu`; a byte each runs within ~20 %
-// of the int8 kernel and 1.2-1.4x faster than torch's from 4 rows). So `auto`'s lossless Q4_1 weights run as fast as int8 ones, exactly.
+// The codes are stored two to a byte, inputs 2p and 2p+1 of a row in the low and high
+// nibble: at 1-4 rows a decode step is bound by the bytes read (SmolLM2's 30 layers read
+// 160 MB of byte codes and scales per step, 80 MB of nibbles, from memory: every layer's
+// weights are evicted by the others'), and splitting a byte into two costs an AND and a
+// shift per 32 weights. The sums are formed in the same order as with byte codes (inputs
+// 4i..4i+3 into four partial sums), so the result is bit-identical to theirs.
 //
-// Layout (packed once in Python, `serving/kernels/q4_linear.py`): codes `[N/16, K, 16]`
-// uint8; scales and offsets `[N/16, K/32, 16]` fp32.
+// Layout (packed once in Python, `serving/kernels/q4_linear.py`): codes `[N/16, K/2, 16]`
+// uint8 (byte [t, p, i] = q[16t + i, 2p] | q[16t + i, 2p + 1] << 4); scales and offsets
+// `[N/16, K/32, 16]` fp32.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -29,22 +31,26 @@ constexpr int64_t kUnroll = 4;  // independent partial sums per activation row
 
 typedef float v16f __attribute__((vector_size(64)));
 
-// 16 codes (0..15, a byte each) -> 16 floats.
-inline v16f load_codes(const uint8_t* p) {
+// 16 bytes of codes (16 outputs' inputs 2p and 2p+1) -> the 16 floats of input 2p (low
+// nibbles) and of input 2p+1 (high nibbles).
+inline void load_code_pair(const uint8_t* p, v16f& even, v16f& odd) {
 #if defined(__AVX512F__)
-  return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)));
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  even = (v16f)_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+  odd = (v16f)_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
 #elif defined(__AVX2__)
-  const __m256 lo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)));
-  const __m256 hi =
-      _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8))));
-  v16f w;
-  __builtin_memcpy(&w, &lo, sizeof(lo));
-  __builtin_memcpy(reinterpret_cast<char*>(&w) + sizeof(lo), &hi, sizeof(hi));
-  return w;
+  for (int half = 0; half < 2; ++half) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(p + 8 * half)));
+    const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)));
+    const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+    __builtin_memcpy(reinterpret_cast<char*>(&even) + half * sizeof(lo), &lo, sizeof(lo));
+    __builtin_memcpy(reinterpret_cast<char*>(&odd) + half * sizeof(hi), &hi, sizeof(hi));
+  }
 #else
-  v16f w;
-  for (int i = 0; i < 16; ++i) w[i] = static_cast<float>(p[i]);
-  return w;
+  for (int i = 0; i < 16; ++i) {
+    even[i] = static_cast<float>(p[i] & 15);
+    odd[i] = static_cast<float>(p[i] >> 4);
+  }
 #endif
 }
 
@@ -54,17 +60,22 @@ void tile_rows(const float* x, const float* xsum, const uint8_t* codes, const fl
                const float* offsets, float* out, int64_t k, int64_t n, int64_t tile,
                int64_t m0) {
   const int64_t groups = k / kGroup;
-  const uint8_t* c = codes + tile * k * kTile;
+  const uint8_t* c = codes + tile * (k / 2) * kTile;
   const float* s = scales + tile * groups * kTile;
   const float* o = offsets + tile * groups * kTile;
   v16f acc[MB] = {};
   for (int64_t g = 0; g < groups; ++g) {
     v16f part[MB][kUnroll] = {};
     const int64_t j0 = g * kGroup;
+    static_assert(kUnroll % 2 == 0, "inputs come in pairs, one byte");
     for (int64_t j = 0; j < kGroup; j += kUnroll) {
-      for (int u = 0; u < kUnroll; ++u) {
-        const v16f w = load_codes(c + (j0 + j + u) * kTile);
-        for (int mb = 0; mb < MB; ++mb) part[mb][u] += x[(m0 + mb) * k + j0 + j + u] * w;
+      for (int u = 0; u < kUnroll; u += 2) {
+        v16f w_even, w_odd;
+        load_code_pair(c + (j0 + j + u) / 2 * kTile, w_even, w_odd);
+        for (int mb = 0; mb < MB; ++mb) {
+          part[mb][u] += x[(m0 + mb) * k + j0 + j + u] * w_even;
+          part[mb][u + 1] += x[(m0 + mb) * k + j0 + j + u + 1] * w_odd;
+        }
       }
     }
     v16f scale, offset;
@@ -98,9 +109,10 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
                      const at::Tensor& offsets) {
   TORCH_CHECK(x.dim() == 2, "q4_linear: x must be [M, K]");
   TORCH_CHECK(codes.dim() == 3 && codes.size(2) == kTile && codes.scalar_type() == at::kByte,
-              "q4_linear: codes must be uint8 [N/16, K, 16]");
+              "q4_linear: codes must be uint8 [N/16, K/2, 16]");
   const int64_t m_rows = x.size(0), k = x.size(1), tiles = codes.size(0), n = tiles * kTile;
-  TORCH_CHECK(codes.size(1) == k && k % kGroup == 0, "q4_linear: K must match, a multiple of 32");
+  TORCH_CHECK(codes.size(1) * 2 == k && k % kGroup == 0,
+              "q4_linear: K must match (two codes a byte), a multiple of 32");
   for (const at::Tensor* t : {&scales, &offsets}) {
     TORCH_CHECK(t->dim() == 3 && t->scalar_type() == at::kFloat && t->size(0) == tiles &&
                     t->size(1) == k / kGroup && t->size(2) == kTile,
