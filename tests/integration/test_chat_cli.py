@@ -21,6 +21,16 @@ from tests.integration.metrics_util import total
 pytestmark = pytest.mark.integration
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """Ctrl-C reaches the chat as in a terminal's foreground job. A CI job started with `&`
+    by a non-interactive shell has SIGINT ignored; whenever this test process's SIGINT is
+    back at that (a handler put back after Ray's), the chat inherits "ignored", Python then
+    installs no KeyboardInterrupt handler, and the test's SIGINT did nothing: the story ran
+    to its end (how this test failed in background CI runs only; reproduced by ignoring
+    SIGINT here before starting the chat)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """`inferos chat` in a subprocess; collects its output in the background."""
 
@@ -30,7 +40,7 @@ class Terminal:
             [sys.executable, "-m", "serving.cli", "chat", "--url", url, "--temperature", "0",
              "--max-tokens", "400"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, env=env,
+            text=True, env=env, preexec_fn=_sigint_as_in_a_terminal,
         )  # fmt: skip
         self.output = ""
         self._reader = threading.Thread(target=self._read, daemon=True)
