@@ -123,13 +123,14 @@ class HybridInt4Linear(nn.Module):
             if self.dense is not None:
                 return self.dense(x)
             return F.linear(x, self.weight, self.bias)
-        if self.codes_exact is not None and x.shape[0] <= EXACT_ROWS:
-            out = q4.q4_linear(x, self.codes_exact, self.scales, self.offsets, self.weight.shape[0])
-            out = out.to(x.dtype)
-            return out if self.bias is None else out + self.bias
         if self.kernel in ("amx", "q4"):
-            run = q4_amx.q4_amx_linear if self.kernel == "amx" else q4.q4_linear
-            out = run(x, self.codes, self.scales, self.offsets, self.weight.shape[0])
+            if self.codes_exact is not None and x.shape[0] <= EXACT_ROWS:
+                run, codes = q4.q4_linear, self.codes_exact
+            elif self.kernel == "amx":
+                run, codes = q4_amx.q4_amx_linear, self.codes
+            else:
+                run, codes = q4.q4_linear, self.codes
+            out = run(x, codes, self.scales, self.offsets, self.weight.shape[0])
             out = out.to(x.dtype)
             return out if self.bias is None else out + self.bias
         x16 = x.to(torch.bfloat16)

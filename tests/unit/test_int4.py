@@ -26,6 +26,20 @@ def _grid_weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
     return (lo + q * scale).view(n, k)
 
 
+def repacked_layer(
+    w: torch.Tensor, dtype: torch.dtype, max_int4_tokens: int
+) -> HybridInt4Linear:
+    """One bias-free linear holding the grid weight `w` [N, K] in `dtype`, repacked to int4
+    (as the loader does a model's layers from their GGUF-grid source weights)."""
+    dense = nn.Linear(w.shape[1], w.shape[0], bias=False)
+    dense.weight.data = w.to(dtype)
+    model = nn.Sequential(dense)
+    assert repack_int4(model, {"0.weight": w}, max_int4_tokens=max_int4_tokens) == 1
+    layer = model[0]
+    assert isinstance(layer, HybridInt4Linear)
+    return layer
+
+
 def test_grid_weight_round_trips_exactly() -> None:
     w = _grid_weight(64, 128)
     packed = quantize_on_grid(w)
@@ -44,12 +58,7 @@ def test_off_grid_weight_is_refused() -> None:
 
 def test_hybrid_linear_matches_dense_and_switches_by_batch() -> None:
     w = _grid_weight(96, 64, seed=1)
-    dense = nn.Linear(64, 96, bias=False)
-    dense.weight.data = w.to(torch.bfloat16)
-    model = nn.Sequential(dense)
-    assert repack_int4(model, {"0.weight": w}, max_int4_tokens=4) == 1
-    layer = model[0]
-    assert isinstance(layer, HybridInt4Linear)
+    layer = repacked_layer(w, torch.bfloat16, max_int4_tokens=4)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     reference = x.float() @ w.t()
     small = layer(x)  # int4 kernel

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from serving.kernels import q4_amx
-from serving.models.int4 import HybridInt4Linear, repack_int4
 from serving.models.weight_quant import dequantize_int4, quantize_int4_groups
-from tests.unit.test_int4 import _grid_weight
+from tests.unit.test_int4 import _grid_weight, repacked_layer
 
 pytestmark = pytest.mark.skipif(
     not q4_amx.kernel_available(), reason="no AMX int8 on this CPU (or the kernel did not build)"
@@ -61,12 +59,8 @@ def test_a_bf16_model_runs_it_and_an_fp32_one_keeps_the_exact_kernel() -> None:
     x = torch.randn(20, 128)
     reference = x.double() @ w.double().T
     for dtype, kernel, tolerance in ((torch.bfloat16, "amx", 2e-2), (torch.float32, "q4", 1e-5)):
-        dense = nn.Linear(128, 96, bias=False)
-        dense.weight.data = w.to(dtype)
-        model = nn.Sequential(dense)
-        assert repack_int4(model, {"0.weight": w}, max_int4_tokens=32) == 1
-        layer = model[0]
-        assert isinstance(layer, HybridInt4Linear) and layer.kernel == kernel
+        layer = repacked_layer(w, dtype, max_int4_tokens=32)
+        assert layer.kernel == kernel
         got = layer(x.to(dtype)).double()
         assert torch.allclose(got, reference, atol=tolerance * float(reference.abs().max()))
 
@@ -87,12 +81,7 @@ def test_small_steps_keep_the_exact_kernel_beside_it() -> None:
     from serving.kernels import q4_linear as q4
     from serving.models.int4 import EXACT_ROWS
 
-    w = _grid_weight(96, 128, seed=5)
-    dense = nn.Linear(128, 96, bias=False)
-    dense.weight.data = w.to(torch.bfloat16)
-    model = nn.Sequential(dense)
-    assert repack_int4(model, {"0.weight": w}, max_int4_tokens=32) == 1
-    layer = model[0]
+    layer = repacked_layer(_grid_weight(96, 128, seed=5), torch.bfloat16, max_int4_tokens=32)
     assert layer.kernel == "amx" and layer.codes_exact is not None
     for rows, exact in ((EXACT_ROWS, True), (EXACT_ROWS + 1, False)):
         x = torch.randn(rows, 128).to(torch.bfloat16)

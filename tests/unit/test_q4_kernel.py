@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from serving.kernels import q4_linear as q4
-from serving.models.int4 import HybridInt4Linear, quantize_on_grid, repack_int4
+from serving.models.int4 import quantize_on_grid
 from serving.models.weight_quant import dequantize_int4, quantize_int4_groups
-from tests.unit.test_int4 import _grid_weight
+from tests.unit.test_int4 import _grid_weight, repacked_layer
 
 pytestmark = pytest.mark.skipif(not q4.kernel_available(), reason="the q4 kernel did not build")
 
@@ -38,12 +37,8 @@ def test_hybrid_layer_is_exact_on_a_gguf_grid_with_fp32_activations() -> None:
     """fp32 scales and offsets: the Q4_1 weights exactly, no bf16 rounding of either."""
     w = _grid_weight(96, 128, seed=4)
     assert quantize_on_grid(w) is not None
-    dense = nn.Linear(128, 96, bias=False)
-    dense.weight.data = w.clone()
-    model = nn.Sequential(dense)
-    assert repack_int4(model, {"0.weight": w}, max_int4_tokens=8) == 1
-    layer = model[0]
-    assert isinstance(layer, HybridInt4Linear) and layer.kernel == "q4"  # fp32: never amx
+    layer = repacked_layer(w, torch.float32, max_int4_tokens=8)
+    assert layer.kernel == "q4"  # fp32: never amx
     x = torch.randn(5, 128)
     reference = x.double() @ w.double().T
     got = layer(x)
