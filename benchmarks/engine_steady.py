@@ -57,6 +57,10 @@ while True:
 
 
 def start_co_runner(busy_ms: float, period_ms: float) -> subprocess.Popen:
+    # a busy time past the period would make the child's sleep raise and the run go on
+    # without the co-runner it claims
+    if not 0 < busy_ms < period_ms:
+        raise SystemExit(f"--co-runner: need 0 < BUSY_MS < PERIOD_MS, got {busy_ms} {period_ms}")
     args = [sys.executable, "-c", CO_RUNNER, str(busy_ms / 1e3), str(period_ms / 1e3)]
     return subprocess.Popen(args)
 
