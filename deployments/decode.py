@@ -110,6 +110,12 @@ class DecodeServer(EngineReplica):
             delta = TokenDelta(out.req_id, held, out.finished, out.finish_reason, out.error)
             delta = self._with_logprobs(delta, out)
             if storing:  # the turn ends for the client once its KV is in the store
+                if delta.token_ids and delta.error is None:
+                    # its tokens go out now: storing is nobody's TTFT (a one-token answer)
+                    by_subscriber.setdefault(subscriber, []).append(
+                        replace(delta, finished=False, finish_reason=None)
+                    )
+                    delta = TokenDelta(out.req_id, [], True, out.finish_reason)
                 self._store_turn(out, subscriber, delta)
                 continue
             by_subscriber.setdefault(subscriber, []).append(delta)

@@ -118,6 +118,7 @@ class EngineReplica:
             self.metrics.memory(self.memory.sample(engine.block_pool.used_bytes))
         self.metrics.preemptions.inc(engine.num_preemptions - self._preemptions_reported)
         self._preemptions_reported = engine.num_preemptions
+        self._export_prefix_cache(engine)
         self._export_kv_levels(engine)
         return ReplicaLoad(
             role=self.role,
@@ -131,6 +132,16 @@ class EngineReplica:
 
     _preemptions_reported = 0
     _levels_reported = (0, 0, 0)
+    _prefix_cache_reported = (0, 0)
+
+    def _export_prefix_cache(self, engine: LLMEngine) -> None:
+        cache = engine.prefix_cache
+        if cache is None:
+            return
+        queried, hit = cache.num_queried_tokens, cache.num_hit_tokens
+        self.metrics.prefix_cache_queries.inc(queried - self._prefix_cache_reported[0])
+        self.metrics.prefix_cache_hits.inc(hit - self._prefix_cache_reported[1])
+        self._prefix_cache_reported = (queried, hit)
 
     def _export_kv_levels(self, engine: LLMEngine) -> None:
         """Blocks/bytes per level and the move counters (in blocks, as the store counts)."""
@@ -146,6 +157,7 @@ class EngineReplica:
         self.metrics.promotions.inc(now[1] - before[1])
         self.metrics.spills.inc(now[2] - before[2])
         self._levels_reported = now
+
     policy_version = -1
     num_reused_tokens = 0  # prompt tokens whose KV came from the store (prefix reuse)
 
@@ -159,12 +171,13 @@ class EngineReplica:
         """Put an engine's exported KV into the object store and register it with the
         kv_store under `key`, indexed by `token_ids` for prefix reuse; returns the payload
         of object refs."""
+        # off the event loop: serialising a long turn's blocks takes ~100 ms, which would
+        # hold up every stream's tokens (the turn's own first token included)
+        refs = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: [ray.put(b) for b in exported.blocks]
+        )
         payload = KVPayload(
-            exported.layout,
-            exported.num_tokens,
-            [ray.put(b) for b in exported.blocks],
-            exported.spans,
-            exported.sizes,
+            exported.layout, exported.num_tokens, refs, exported.spans, exported.sizes
         )
         self.metrics.kv_transfer_bytes.inc(payload.num_bytes)
         try:
@@ -178,14 +191,18 @@ class EngineReplica:
         conversation, a shared system prompt), so the engine computes only the rest."""
         if not self.config.kv_cache.prefix_reuse:
             return None
+        block_size = self.config.kv_cache.block_size
+        local = self._locally_cached_tokens(prompt_token_ids)
+        if local >= (len(prompt_token_ids) - 1) // block_size * block_size:
+            return None  # the engine's pool holds all the store could give
         try:
             stored = await self.kv_store.match_prefix.remote(
-                list(prompt_token_ids), self.config.kv_cache.block_size, self.replica_id
+                list(prompt_token_ids), block_size, self.replica_id, local
             )
         except RayError as e:  # the store is restarting: a lost store is a cache miss
             logger.warning("kv_store unavailable, prefix not looked up: %s", type(e).__name__)
             return None
-        if stored is None:
+        if stored is None:  # or no longer than what the engine's own prefix cache holds
             return None
         try:
             payload = await self._read_stored(stored)
@@ -194,6 +211,12 @@ class EngineReplica:
             return None
         self.num_reused_tokens += stored.num_tokens
         return payload
+
+    def _locally_cached_tokens(self, token_ids: list[int]) -> int:
+        """Leading tokens whose KV the engine's prefix cache holds now (a hint read from
+        this thread: the engine matches again when it admits the sequence)."""
+        cache = self.engine.prefix_cache
+        return cache.peek_num_tokens(list(token_ids[:-1])) if cache is not None else 0
 
     async def _constrain(self, seq: Sequence) -> str | None:
         """Give a structured-output sequence its grammar state, replaying the tokens it
@@ -247,6 +270,10 @@ class EngineReplica:
             "kv_blocks_used": self.engine.block_pool.num_used_blocks,
             "kv_blocks_total": self.engine.config.num_blocks,
             "kv_blocks_shared": self.engine.scheduler.num_shared_prompt_blocks,  # n > 1
+            "kv_blocks_cached": self.engine.block_pool.num_cached_blocks,
+            "prefix_cache_hit_tokens": (
+                self.engine.prefix_cache.num_hit_tokens if self.engine.prefix_cache else 0
+            ),
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "kv_demotions": self.engine.staged.counters.demotions,

@@ -47,9 +47,9 @@ class KVStoreActor:
         return await self.store.get(key, consumer)
 
     async def match_prefix(
-        self, token_ids: list[int], block_size: int, consumer: str
+        self, token_ids: list[int], block_size: int, consumer: str, longer_than: int = 0
     ) -> KVPayload | None:
-        return await self.store.match_prefix(token_ids, block_size, consumer)
+        return await self.store.match_prefix(token_ids, block_size, consumer, longer_than)
 
     async def drop(self, key: str) -> bool:
         return await self.store.drop(key)

@@ -153,6 +153,13 @@ class KVCacheSettings(_Strict):
         description="prefill computes only the prompt tokens whose KV isn't stored yet "
         "(the earlier turns of a conversation, a shared system prompt)",
     )
+    enable_prefix_caching: bool = Field(
+        True,
+        description="as vLLM's: the full KV blocks of finished requests stay in the engine's "
+        "pool, found again by their tokens, until a new request needs the room; a prompt "
+        "that starts the same way (the next turn, a shared system prompt) computes only the "
+        "rest, without a trip to the kv_store. Off when prefix_reuse is off",
+    )
     spill_dir: str | None = Field(
         None,
         description="local directory of the spill tier (L3, and originals of demoted blocks "
@@ -539,4 +546,5 @@ class InferosConfig(_Strict):
             kv_profile=self.kv_cache.profile,
             kv_unit_tokens=self.kv_cache.quant_unit_tokens,
             kv_spill_dir=self.kv_cache.spill_dir,
+            prefix_caching=self.kv_cache.prefix_reuse and self.kv_cache.enable_prefix_caching,
         )

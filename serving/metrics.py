@@ -148,6 +148,14 @@ class EngineMetrics(_Instruments):
             "engine_step_seconds", "Duration of one engine step.", STEP_SECONDS_BUCKETS
         ).labels(**lb)
         self.preemptions = self._counter("num_preemptions", "Sequences preempted.").labels(**lb)
+        # the engine's own prefix cache (vLLM's prefix_cache_* are the kv_store's here, which
+        # came first): hit rate = hits / queries, in tokens
+        self.prefix_cache_queries = self._counter(
+            "engine_prefix_cache_queries", "Prompt tokens looked up in the engine's prefix cache."
+        ).labels(**lb)
+        self.prefix_cache_hits = self._counter(
+            "engine_prefix_cache_hits", "Prompt tokens whose KV the engine's prefix cache held."
+        ).labels(**lb)
         self._kv_level_instruments()
         self.kv_transfer_bytes = self._counter(
             "kv_transfer_bytes", "KV bytes exported to or imported from the store."

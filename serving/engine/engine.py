@@ -19,6 +19,7 @@ import torch
 from serving.engine.block_pool import BlockPool
 from serving.engine.logprobs import TokenLogprobs, pick, raw_logprobs
 from serving.engine.model_runner import ModelRunner
+from serving.engine.prefix_cache import PrefixCache
 from serving.engine.sampler import sample
 from serving.engine.scheduler import BatchScheduler, SchedulerOutput
 from serving.engine.sequence import FinishReason, Sequence
@@ -52,6 +53,9 @@ class EngineConfig:
     kv_spill_dir: str | None = None  # where originals of demoted units go; None = a tempdir
     # one token budget per step for decode rows and prompt chunks (where the runner can mix)
     chunked_prefill: bool = True
+    # finished sequences' full KV blocks stay in the pool for later prompts that start the
+    # same way (where the runner reads its KV through our block tables)
+    prefix_caching: bool = True
 
 
 @dataclass(slots=True)
@@ -97,6 +101,9 @@ class LLMEngine:
             )
         self.runner = runner
         self.block_pool = BlockPool(config.num_blocks, self.runner.layout.bytes_per_block())
+        self.prefix_cache: PrefixCache | None = None
+        if config.prefix_caching and getattr(self.runner, "supports_prefix_cache", False):
+            self.prefix_cache = PrefixCache(self.block_pool, config.block_size)
         self.staged = StagedKVManager(
             self.runner.kv_cache,
             self.block_pool,
@@ -114,6 +121,7 @@ class LLMEngine:
             on_release=self.staged.release,
             relieve=self.staged.relieve,
             copy_block=self._copy_block,
+            prefix_cache=self.prefix_cache,
             # a runner states it takes decode rows and prompt chunks in one forward pass
             chunked_prefill=config.chunked_prefill
             and getattr(self.runner, "supports_mixed_batches", False),

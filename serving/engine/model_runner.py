@@ -14,6 +14,7 @@ from serving.models.llama import LlamaForCausalLM
 
 class ModelRunner:
     supports_mixed_batches = True  # decode rows and prompt chunks in one forward pass
+    supports_prefix_cache = True  # reads every sequence's KV through its block table
 
     def __init__(
         self, model: LlamaForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from serving.engine.block_pool import BlockPool
+from serving.engine.prefix_cache import PrefixCache
 from serving.engine.sequence import SeqStatus, Sequence
 
 GROUP_WAIT_S = 0.5  # the longest the choices of one request wait for each other
@@ -55,8 +56,10 @@ class BatchScheduler:
         relieve: Callable[[list[Sequence], int], bool] = lambda seqs, n: False,
         chunked_prefill: bool = False,
         copy_block: Callable[[int, int], None] = lambda src, dst: None,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.pool = block_pool
+        self.prefix_cache = prefix_cache
         self.chunked_prefill = chunked_prefill
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -97,6 +100,9 @@ class BatchScheduler:
         seq.status = SeqStatus.FINISHED
 
     def _release(self, seq: Sequence) -> None:
+        if self.prefix_cache is not None:  # what it computed stays for later prompts
+            computed = seq.token_ids(0, seq.num_computed_tokens)
+            self.prefix_cache.insert(computed, seq.block_table)
         self.pool.free(seq.block_table)  # skips holes (blocks held quantized elsewhere)
         seq.block_table = []
         self.on_release(seq)
@@ -110,26 +116,48 @@ class BatchScheduler:
                 held.append(self.waiting.popleft())
                 continue
             shared = source.block_table[: self._num_shared_blocks(seq)] if source else []
-            needed = blocks_for(seq.num_tokens, self.block_size) - len(shared)
+            # taken first, so that making room for the rest cannot evict them
+            cached = self.pool.share(self._cached_prefix(seq)) if source is None else []
+            needed = blocks_for(seq.num_tokens, self.block_size) - len(shared) - len(cached)
             # Keep one spare block per running sequence so admissions don't force preemptions.
             if not self.pool.can_allocate(needed + len(self.running)):
                 self.relieve(self.running, needed + len(self.running))
             if not self.pool.can_allocate(needed + len(self.running)):
                 if self.running or not self.pool.can_allocate(needed):
+                    self.pool.free(cached)
                     break
             self.waiting.popleft()
-            seq.block_table = self.pool.share(shared) + self.pool.allocate(needed)
+            seq.block_table = self.pool.share(shared) + cached + self.pool.allocate(needed)
             seq.num_computed_tokens = 0
             if source is not None:
                 self.num_shared_prompt_blocks += len(shared)
                 self._copy_partial_prompt_block(source, seq)
+            elif cached:
+                seq.num_computed_tokens = len(cached) * self.block_size
+                seq.kv_import = None  # the pool holds at least as much
             elif seq.kv_import is not None:
                 self.on_admit(seq)
                 seq.num_computed_tokens = seq.kv_import.num_tokens
                 seq.kv_import = None
+            if self.prefix_cache is not None and source is None:
+                self.prefix_cache.count(seq.num_tokens, len(cached) * self.block_size)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
         self.waiting.extendleft(reversed(held))
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Pool blocks of `seq`'s longest cached prefix (not shared yet), or none: where a
+        prefix cannot be used, or the KV it imports covers more."""
+        if self.prefix_cache is None:
+            return []
+        if seq.params.prompt_logprobs is not None and not seq.output_token_ids:
+            return []  # a cached prefix has no logits
+        # at least its newest token is computed: its logits give the next token
+        blocks = self.prefix_cache.match(seq.token_ids(0, seq.num_tokens - 1))
+        imported = seq.kv_import.num_tokens if seq.kv_import is not None else 0
+        if len(blocks) * self.block_size < max(imported, 1):
+            return []
+        return blocks
 
     # --- n > 1: the choices of one request share its prompt's KV --------------------------
     def _prompt_source(self, seq: Sequence) -> Sequence | object | None:

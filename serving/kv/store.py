@@ -162,22 +162,26 @@ class KVStore:
             return entry.payload()
 
     async def match_prefix(
-        self, token_ids: list[int], block_size: int, consumer: str
+        self, token_ids: list[int], block_size: int, consumer: str, longer_than: int = 0
     ) -> KVPayload | None:
         """KV of the longest stored prefix of `token_ids` (whole blocks, whole quantized
-        units, and at least one token left to compute), or None."""
+        units, and at least one token left to compute), or None; None too where it covers
+        no more than `longer_than` tokens (what the consumer's engine holds already: not a
+        hit of the store's)."""
         self.metrics.prefix_queries.inc(len(token_ids))
         async with self._serving(None):
             best = self.index.longest(block_hashes(token_ids[:-1], block_size))
             if best is None:
                 return None
             key, num_blocks = best
+            if num_blocks * block_size <= longer_than:  # not worth loading a spilled entry
+                return None
             self._in_use = key
             entry = self.entries[key]  # the index holds only live entries
             if not await self._ensure_loaded(key, entry):
                 return None
             payload = entry.payload(num_blocks)
-            if payload.num_tokens == 0:
+            if payload.num_tokens <= longer_than:
                 return None
             self._touch(key, entry, consumer)
             entry.num_hits += 1

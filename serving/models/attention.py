@@ -13,7 +13,7 @@ no bias. Without slopes (every rotary family) nothing of this runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,6 +61,9 @@ class AttentionMetadata:
     # Short queries through the decode kernel: each query token's block table and visible
     # context length, built likewise.
     token_rows: tuple[torch.Tensor, torch.Tensor] | None = None
+    # Causal masks of prompt chunks after a cached prefix, by (queries, context), built
+    # likewise: building one costs a third of the attention call it masks.
+    chunk_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -153,7 +156,21 @@ def _row_attention(
     else:
         plan = meta.staged.for_row(row) if meta.staged is not None else None
         k_i, v_i = _gather_context(layer_cache, meta.block_tables[row], ctx, plan, meta.layer)
-    return _causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale, alibi_slopes)
+    mask = None
+    if alibi_slopes is None and 1 < n < ctx:
+        mask = meta.chunk_masks.get((n, ctx))
+        if mask is None:  # additive, in the queries' dtype: SDPA converts a bool mask per call
+            allowed = chunk_mask(n, ctx, q.device)
+            mask = torch.zeros((n, ctx), dtype=q.dtype, device=q.device)
+            mask = meta.chunk_masks[(n, ctx)] = mask.masked_fill_(~allowed, float("-inf"))
+    return _causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale, alibi_slopes, mask)
+
+
+def chunk_mask(n: int, ctx: int, device: torch.device) -> torch.Tensor:
+    """`[n, ctx]` bool: query j sits at position ctx - n + j and may see keys up to and
+    including it."""
+    q_pos = torch.arange(ctx - n, ctx, device=device)[:, None]
+    return torch.arange(ctx, device=device)[None, :] <= q_pos
 
 
 def gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -215,8 +232,10 @@ def _causal_attention(
     v: torch.Tensor,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Queries are the last `len(q)` positions of a context of `len(k)` tokens."""
+    """Queries are the last `len(q)` positions of a context of `len(k)` tokens (`mask`:
+    their `chunk_mask`, where the caller has it already)."""
     n, ctx = q.shape[0], k.shape[0]
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if alibi_slopes is not None:
@@ -234,9 +253,8 @@ def _causal_attention(
     elif n == 1:
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True)
     else:
-        # query j sits at position ctx - n + j and may see keys up to and including it
-        q_pos = torch.arange(ctx - n, ctx, device=q.device)[:, None]
-        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos  # [n, ctx]
+        if mask is None:
+            mask = chunk_mask(n, ctx, q.device)
         out = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
         )

@@ -25,6 +25,9 @@ BLOCK_BYTES_FP32 = 30 * 2 * 16 * 3 * 64 * 4  # SmolLM2-135M, block_size 16, fp32
 # (180 blocks) and the store 2, so both must demote (and the store spill) to serve 6.
 STAGED = {
     "kv_cache": {
+        # the store's tiers are under test: the engines keep no prefixes of their own, so a
+        # spilled session's next turn must come back from the store's disk
+        "enable_prefix_caching": False,
         "profile": "safe",
         "num_blocks": 180,
         "store_budget_bytes": 2 * 45 * BLOCK_BYTES_FP32,

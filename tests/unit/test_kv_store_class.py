@@ -188,6 +188,17 @@ def test_a_prefix_two_entries_share_survives_dropping_one(store) -> None:
     assert store.lookup("a")["num_hits"] == 1
 
 
+def test_a_prefix_no_longer_than_the_consumers_own_is_no_hit(store) -> None:
+    base = tokens(1)
+    put(store, "a", 1, base)
+    prompt = base[: 2 * BS] + [7]
+    assert run(store.match_prefix(prompt, BS, "d", longer_than=2 * BS)) is None
+    assert store.lookup("a")["num_hits"] == 0  # the engine's own cache served it
+    hit = run(store.match_prefix(prompt, BS, "d", longer_than=BS))
+    assert hit is not None and hit.num_tokens == 2 * BS
+    assert store.lookup("a")["num_hits"] == 1
+
+
 def test_a_later_turn_releases_the_earlier_one_but_not_an_unread_handoff(store) -> None:
     turn1 = tokens(1, 2 * BS)
     put(store, "turn-1", 1, turn1)
