@@ -82,6 +82,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="prefill every prompt in full, even where its prefix's KV is stored",
     )
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="as vLLM's: keep finished requests' full KV blocks in the engine's pool for "
+        "prompts that start the same way (default on)",
+    )
 
 
 def build_config(args: argparse.Namespace) -> InferosConfig:
@@ -106,6 +113,7 @@ def build_config(args: argparse.Namespace) -> InferosConfig:
         ("scheduling", "pd_mode"): args.pd_mode,
         ("kv_cache", "profile"): args.kv_profile,
         ("kv_cache", "prefix_reuse"): args.prefix_reuse,
+        ("kv_cache", "enable_prefix_caching"): args.enable_prefix_caching,
         ("tool_calling", "enable_auto_tool_choice"): args.enable_auto_tool_choice,
         ("tool_calling", "tool_call_parser"): args.tool_call_parser,
     }

@@ -31,3 +31,15 @@ def test_cli_flags_override_config(tmp_path: Path) -> None:
     assert cfg.scheduling.pd_mode == "colocated"
     assert cfg.server.port == 9002
     assert cfg.scheduling.stream_interval == 4
+    assert cfg.kv_cache.enable_prefix_caching  # the default, where no flag says otherwise
+
+
+def test_prefix_caching_flag_as_vllms() -> None:
+    from serving.cli import build_config, make_parser
+
+    off = build_config(make_parser().parse_args(["serve", "--no-enable-prefix-caching"]))
+    assert not off.kv_cache.enable_prefix_caching and not off.engine_config().prefix_caching
+    on = build_config(make_parser().parse_args(["serve", "--enable-prefix-caching"]))
+    assert on.engine_config().prefix_caching
+    no_reuse = build_config(make_parser().parse_args(["serve", "--no-prefix-reuse"]))
+    assert not no_reuse.engine_config().prefix_caching  # no reuse of either kind
