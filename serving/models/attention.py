@@ -156,21 +156,23 @@ def _row_attention(
     else:
         plan = meta.staged.for_row(row) if meta.staged is not None else None
         k_i, v_i = _gather_context(layer_cache, meta.block_tables[row], ctx, plan, meta.layer)
-    mask = None
-    if alibi_slopes is None and 1 < n < ctx:
-        mask = meta.chunk_masks.get((n, ctx))
-        if mask is None:  # additive, in the queries' dtype: SDPA converts a bool mask per call
-            allowed = chunk_mask(n, ctx, q.device)
-            mask = torch.zeros((n, ctx), dtype=q.dtype, device=q.device)
-            mask = meta.chunk_masks[(n, ctx)] = mask.masked_fill_(~allowed, float("-inf"))
-    return _causal_attention(q_i, k_i.to(q.dtype), v_i.to(q.dtype), scale, alibi_slopes, mask)
+    k_i, v_i = k_i.to(q.dtype), v_i.to(q.dtype)
+    return _causal_attention(q_i, k_i, v_i, scale, alibi_slopes, meta.chunk_masks)
 
 
-def chunk_mask(n: int, ctx: int, device: torch.device) -> torch.Tensor:
-    """`[n, ctx]` bool: query j sits at position ctx - n + j and may see keys up to and
-    including it."""
-    q_pos = torch.arange(ctx - n, ctx, device=device)[:, None]
-    return torch.arange(ctx, device=device)[None, :] <= q_pos
+def _chunk_mask(
+    masks: dict[tuple[int, int], torch.Tensor], n: int, ctx: int, like: torch.Tensor
+) -> torch.Tensor:
+    """`[n, ctx]` additive mask in `like`'s dtype (SDPA would convert a bool mask on every
+    call): query j sits at position ctx - n + j and may see keys up to and including it.
+    Built once per (n, ctx) in `masks`."""
+    mask = masks.get((n, ctx))
+    if mask is None:
+        q_pos = torch.arange(ctx - n, ctx, device=like.device)[:, None]
+        hidden = torch.arange(ctx, device=like.device)[None, :] > q_pos
+        mask = torch.zeros((n, ctx), dtype=like.dtype, device=like.device)
+        mask = masks[(n, ctx)] = mask.masked_fill_(hidden, float("-inf"))
+    return mask
 
 
 def gather_blocks(layer_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
@@ -232,10 +234,10 @@ def _causal_attention(
     v: torch.Tensor,
     scale: float,
     alibi_slopes: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
+    masks: dict[tuple[int, int], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Queries are the last `len(q)` positions of a context of `len(k)` tokens (`mask`:
-    their `chunk_mask`, where the caller has it already)."""
+    """Queries are the last `len(q)` positions of a context of `len(k)` tokens (`masks`: the
+    forward pass's causal masks, reused across layers)."""
     n, ctx = q.shape[0], k.shape[0]
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     if alibi_slopes is not None:
@@ -253,8 +255,7 @@ def _causal_attention(
     elif n == 1:
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=True)
     else:
-        if mask is None:
-            mask = chunk_mask(n, ctx, q.device)
+        mask = _chunk_mask({} if masks is None else masks, n, ctx, q)
         out = F.scaled_dot_product_attention(
             qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
         )
