@@ -124,6 +124,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--turn-len", type=int, default=64, help="multi-turn: new user tokens per later turn"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="multi-turn: run the sessions (and cold probes) this many times, one round after "
+        "the other with new texts; percentiles pool every round, and each round's cold/warm "
+        "ratio is reported (one round's ratio swings with a noisy machine)",
+    )
 
 
 def _json_object(text: str) -> dict:
@@ -134,7 +142,15 @@ def _json_object(text: str) -> dict:
 
 
 def _validate(args: argparse.Namespace) -> str | None:
-    for name in ("concurrency", "num_prompts", "input_len", "output_len", "turns", "sessions"):
+    for name in (
+        "concurrency",
+        "num_prompts",
+        "input_len",
+        "output_len",
+        "turns",
+        "sessions",
+        "rounds",
+    ):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}"
     return None

@@ -24,13 +24,26 @@ from serving.bench.report import percentile
 
 
 async def _session(
-    client, model: str, config: ClientConfig, sid: int, first: str, extras: list[str], turns: int
+    client,
+    model: str,
+    config: ClientConfig,
+    sid: int,
+    first: str,
+    extras: list[str],
+    turns: int,
+    round_index: int = 0,
 ) -> list[dict[str, Any]]:
     messages: list[dict[str, str]] = [{"role": "user", "content": first}]
     records = []
     for turn in range(1, turns + 1):
         started = time.perf_counter()
-        record: dict[str, Any] = {"session": sid, "turn": turn, "ttft_s": None, "error": None}
+        record: dict[str, Any] = {
+            "round": round_index,
+            "session": sid,
+            "turn": turn,
+            "ttft_s": None,
+            "error": None,
+        }
         answer = []
         try:
             stream = await client.chat.completions.create(
@@ -40,7 +53,7 @@ async def _session(
                 temperature=config.temperature,
                 stream=True,
                 stream_options={"include_usage": True},
-                extra_headers={"X-Session-Id": f"bench-{sid}"},
+                extra_headers={"X-Session-Id": f"bench-r{round_index}-{sid}"},
                 extra_body={"ignore_eos": True, "min_tokens": config.max_tokens}
                 if config.ignore_eos
                 else None,
@@ -120,7 +133,9 @@ def _per_turn(records: list[dict[str, Any]], turns: int) -> dict[str, dict[str, 
     return out
 
 
-async def _run(args: argparse.Namespace, config: ClientConfig, texts: list[str]) -> dict:
+async def _run(
+    args: argparse.Namespace, config: ClientConfig, texts: list[str], round_index: int = 0
+) -> dict:
     client = make_client(config)
     model = args.model or await resolve_model(client)
     per = args.turns - 1
@@ -128,7 +143,14 @@ async def _run(args: argparse.Namespace, config: ClientConfig, texts: list[str])
     extras = texts[args.sessions :]
     sessions = [
         _session(
-            client, model, config, i, firsts[i], extras[i * per : (i + 1) * per] + [""], args.turns
+            client,
+            model,
+            config,
+            i,
+            firsts[i],
+            extras[i * per : (i + 1) * per] + [""],
+            args.turns,
+            round_index,
         )
         for i in range(args.sessions)
     ]
@@ -153,10 +175,6 @@ async def _run(args: argparse.Namespace, config: ClientConfig, texts: list[str])
 def run(args: argparse.Namespace) -> int:
     counter = load_token_counter(args.tokenizer)
     text = read_source_text(args.prompts_file)
-    firsts = build_prompts(text, counter, args.sessions, args.input_len, args.seed)
-    extras = build_prompts(
-        text, counter, args.sessions * max(1, args.turns - 1), args.turn_len, args.seed + 1
-    )
     config = ClientConfig(
         base_url=args.base_url,
         api_key=resolve_api_key(args.api_key),
@@ -166,35 +184,21 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout_s,
     )
     print(
-        f"multi-turn bench: {args.sessions} sessions x {args.turns} turns, first turn "
-        f"{args.input_len} tokens, +{args.turn_len} per turn, {args.output_len} out",
+        f"multi-turn bench: {args.rounds} round(s) of {args.sessions} sessions x {args.turns} "
+        f"turns, first turn {args.input_len} tokens, +{args.turn_len} per turn, "
+        f"{args.output_len} out",
         flush=True,
     )
-    summary = asyncio.run(_run(args, config, [p.text for p in firsts + extras]))
-    if args.cold_probe:
-        last = summary["per_turn"][str(args.turns)]
-        cold_len = max(16, round(last["prompt_tokens_mean"] or args.input_len) - TEMPLATE_TOKENS)
-        probes = build_prompts(text, counter, args.sessions, cold_len, args.seed + 7)
-        records = asyncio.run(_cold_probe_run(config, args, [p.text for p in probes]))
-        summary["records"] += records
-        # the probes' row, in the same form as a turn's
-        cold = _per_turn([{**r, "turn": 1} for r in records], 1)["1"]
-        summary["per_turn"]["cold"] = cold
-        warm = last["ttft_ms"]["p50"]
-        cold_p50 = summary["per_turn"]["cold"]["ttft_ms"]["p50"]
-        if warm and cold_p50:
-            summary["cold_over_warm_ttft_p50"] = cold_p50 / warm
-            print(
-                f"cold prompt of the last turn's length: TTFT p50 {cold_p50:.0f} ms, "
-                f"{cold_p50 / warm:.1f}x the warm turn {args.turns}'s"
-            )
-    for turn, row in summary["per_turn"].items():
-        t = row["ttft_ms"]
-        p50 = f"{t['p50']:.0f}" if t["p50"] is not None else "-"
-        print(
-            f"turn {turn}: prompt ~{row['prompt_tokens_mean'] or 0:.0f} tokens, "
-            f"TTFT p50 {p50} ms, completed {row['completed']}, failed {row['failed']}"
-        )
+    rounds = []
+    for i in range(args.rounds):
+        # each round its own texts and session ids: no conversation of one round starts
+        # like one of another, so no round finds an earlier round's turns cached
+        summary = _one_round(args, config, counter, text, args.seed + ROUND_SEED_STEP * i, i)
+        rounds.append(summary)
+        if args.rounds > 1:
+            print(f"round {i + 1}/{args.rounds}: {_round_line(summary, args.turns)}", flush=True)
+    summary = rounds[0] if args.rounds == 1 else pool_rounds(rounds, args.turns)
+    _print_summary(summary, args.turns)
     path = Path(args.output_json or f"results/multiturn_{time.strftime('%Y%m%d-%H%M%S')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2))
@@ -204,6 +208,97 @@ def run(args: argparse.Namespace) -> int:
         plot_turns([summary], [args.base_url], png)
         print(f"wrote {png}")
     return 0 if all(r["completed"] for r in summary["per_turn"].values()) else 1
+
+
+# seeds of successive rounds: far enough apart that their texts do not overlap
+ROUND_SEED_STEP = 1000
+
+
+def _one_round(
+    args: argparse.Namespace, config: ClientConfig, counter, text: str, seed: int, index: int
+) -> dict:
+    firsts = build_prompts(text, counter, args.sessions, args.input_len, seed)
+    extras = build_prompts(
+        text, counter, args.sessions * max(1, args.turns - 1), args.turn_len, seed + 1
+    )
+    summary = asyncio.run(_run(args, config, [p.text for p in firsts + extras], index))
+    summary["seed"] = seed
+    if args.cold_probe:
+        last = summary["per_turn"][str(args.turns)]
+        cold_len = max(16, round(last["prompt_tokens_mean"] or args.input_len) - TEMPLATE_TOKENS)
+        probes = build_prompts(text, counter, args.sessions, cold_len, seed + 7)
+        records = asyncio.run(_cold_probe_run(config, args, [p.text for p in probes]))
+        summary["records"] += [{**r, "round": index} for r in records]
+        _add_cold_row(summary, records, args.turns)
+    return summary
+
+
+def _add_cold_row(summary: dict, cold_records: list[dict[str, Any]], turns: int) -> None:
+    """The cold probes' row, in the same form as a turn's, and cold p50 / last turn's p50."""
+    summary["per_turn"]["cold"] = _per_turn([{**r, "turn": 1} for r in cold_records], 1)["1"]
+    warm = summary["per_turn"][str(turns)]["ttft_ms"]["p50"]
+    cold = summary["per_turn"]["cold"]["ttft_ms"]["p50"]
+    if warm and cold:
+        summary["cold_over_warm_ttft_p50"] = cold / warm
+
+
+def pool_rounds(rounds: list[dict], turns: int) -> dict:
+    """One summary of several rounds: each turn's TTFT percentiles over every round's
+    records (and the cold probes'), the ratio of the pooled p50s, and each round's own
+    ratio, so a reader sees the spread a single round hides."""
+    records = [r for s in rounds for r in s["records"]]
+    pooled = {
+        key: rounds[0][key]
+        for key in ("mode", "base_url", "model", "sessions", "turns", "input_len", "turn_len")
+    }
+    pooled |= {"output_len": rounds[0]["output_len"], "rounds": len(rounds)}
+    pooled["duration_s"] = sum(s["duration_s"] for s in rounds)
+    pooled["per_turn"] = _per_turn([r for r in records if r["turn"] != "cold"], turns)
+    cold = [r for r in records if r["turn"] == "cold"]
+    if cold:
+        _add_cold_row(pooled, cold, turns)
+        ratios = [s.get("cold_over_warm_ttft_p50") for s in rounds]
+        pooled["cold_over_warm_per_round"] = ratios
+        known = [r for r in ratios if r is not None]
+        if known:
+            pooled["cold_over_warm_median_of_rounds"] = statistics.median(known)
+    pooled["per_round"] = [{"seed": s.get("seed"), "per_turn": s["per_turn"]} for s in rounds]
+    pooled["records"] = records
+    return pooled
+
+
+def _round_line(summary: dict, turns: int) -> str:
+    last = summary["per_turn"][str(turns)]["ttft_ms"]["p50"]
+    line = f"turn {turns} TTFT p50 {last:.0f} ms" if last is not None else f"turn {turns} failed"
+    ratio = summary.get("cold_over_warm_ttft_p50")
+    if ratio is not None:
+        cold = summary["per_turn"]["cold"]["ttft_ms"]["p50"]
+        line += f", cold {cold:.0f} ms ({ratio:.1f}x)"
+    return line
+
+
+def _print_summary(summary: dict, turns: int) -> None:
+    ratio = summary.get("cold_over_warm_ttft_p50")
+    if ratio is not None:
+        cold = summary["per_turn"]["cold"]["ttft_ms"]["p50"]
+        print(
+            f"cold prompt of the last turn's length: TTFT p50 {cold:.0f} ms, "
+            f"{ratio:.1f}x the warm turn {turns}'s"
+        )
+    per_round = summary.get("cold_over_warm_per_round")
+    if per_round:
+        shown = ", ".join(f"{r:.1f}" if r is not None else "-" for r in per_round)
+        print(
+            f"cold / warm per round: {shown} "
+            f"(median {summary.get('cold_over_warm_median_of_rounds', float('nan')):.1f}x)"
+        )
+    for turn, row in summary["per_turn"].items():
+        t = row["ttft_ms"]
+        p50 = f"{t['p50']:.0f}" if t["p50"] is not None else "-"
+        print(
+            f"turn {turn}: prompt ~{row['prompt_tokens_mean'] or 0:.0f} tokens, "
+            f"TTFT p50 {p50} ms, completed {row['completed']}, failed {row['failed']}"
+        )
 
 
 async def _cold_probe_run(
