@@ -136,26 +136,28 @@ def _per_turn(records: list[dict[str, Any]], turns: int) -> dict[str, dict[str, 
 async def _run(
     args: argparse.Namespace, config: ClientConfig, texts: list[str], round_index: int = 0
 ) -> dict:
-    client = make_client(config)
-    model = args.model or await resolve_model(client)
-    per = args.turns - 1
-    firsts = texts[: args.sessions]
-    extras = texts[args.sessions :]
-    sessions = [
-        _session(
-            client,
-            model,
-            config,
-            i,
-            firsts[i],
-            extras[i * per : (i + 1) * per] + [""],
-            args.turns,
-            round_index,
-        )
-        for i in range(args.sessions)
-    ]
-    started = time.perf_counter()
-    results = await asyncio.gather(*sessions)
+    # closed in the loop that made it (each round runs its own loop: an unclosed client's
+    # connections are closed later by the garbage collector, on a loop that is gone)
+    async with make_client(config) as client:
+        model = args.model or await resolve_model(client)
+        per = args.turns - 1
+        firsts = texts[: args.sessions]
+        extras = texts[args.sessions :]
+        sessions = [
+            _session(
+                client,
+                model,
+                config,
+                i,
+                firsts[i],
+                extras[i * per : (i + 1) * per] + [""],
+                args.turns,
+                round_index,
+            )
+            for i in range(args.sessions)
+        ]
+        started = time.perf_counter()
+        results = await asyncio.gather(*sessions)
     records = [r for rs in results for r in rs]
     return {
         "mode": "multi_turn",
@@ -304,9 +306,9 @@ def _print_summary(summary: dict, turns: int) -> None:
 async def _cold_probe_run(
     config: ClientConfig, args: argparse.Namespace, texts: list[str]
 ) -> list[dict[str, Any]]:
-    client = make_client(config)
-    model = args.model or await resolve_model(client)
-    return await _cold_probes(client, model, config, texts)
+    async with make_client(config) as client:
+        model = args.model or await resolve_model(client)
+        return await _cold_probes(client, model, config, texts)
 
 
 def plot_turns(summaries: list[dict], labels: list[str], path: Path) -> None:
