@@ -212,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
     return 0 if all(r["completed"] for r in summary["per_turn"].values()) else 1
 
 
-# seeds of successive rounds: far enough apart that their texts do not overlap
+# seeds of successive rounds: a round draws its texts with seed, seed + 1 and seed + 7, so
+# rounds this far apart never share a seed
 ROUND_SEED_STEP = 1000
 
 
@@ -249,13 +250,19 @@ def pool_rounds(rounds: list[dict], turns: int) -> dict:
     records (and the cold probes'), the ratio of the pooled p50s, and each round's own
     ratio, so a reader sees the spread a single round hides."""
     records = [r for s in rounds for r in s["records"]]
-    pooled = {
-        key: rounds[0][key]
-        for key in ("mode", "base_url", "model", "sessions", "turns", "input_len", "turn_len")
-    }
-    pooled |= {"output_len": rounds[0]["output_len"], "rounds": len(rounds)}
+    shared = (
+        "mode",
+        "base_url",
+        "model",
+        "sessions",
+        "turns",
+        "input_len",
+        "turn_len",
+        "output_len",
+    )
+    pooled = {key: rounds[0][key] for key in shared} | {"rounds": len(rounds)}
     pooled["duration_s"] = sum(s["duration_s"] for s in rounds)
-    pooled["per_turn"] = _per_turn([r for r in records if r["turn"] != "cold"], turns)
+    pooled["per_turn"] = _per_turn(records, turns)  # counts turns 1..turns: not the probes
     cold = [r for r in records if r["turn"] == "cold"]
     if cold:
         _add_cold_row(pooled, cold, turns)
