@@ -3,8 +3,9 @@
 
 Built the first time a process asks for it, with `CFLAGS` (-O3 -march=native ...), into a
 directory keyed by CPU model and flags, torch and Python versions and the flags, so every
-later process of the machine loads the cached `.so` (cpp_extension's file lock keeps
-concurrent builds from clashing, and ninja rebuilds only when the source changed). A
+later process of the machine, whichever venv or checkout it runs from, loads the cached
+`.so` (a file lock keeps concurrent builds from clashing; a changed source gets a new
+directory). A
 machine that cannot build logs one warning and callers keep their torch path.
 """
 
@@ -48,25 +49,29 @@ def _cpu_signature() -> str:
 
 
 def build_directory(name: str) -> Path:
-    """Keyed by the source's path and text and by torch's install location too: ninja
-    rebuilds whenever the paths in its command change, so two checkouts sharing
-    `$INFEROS_HOME` (a CI clone beside a working tree), or two venvs of one checkout (the
-    vLLM hand-over runs under .venv-vllm), would otherwise rebuild each other's library on
-    every first use (~12 s)."""
+    """Keyed by what the library's machine code depends on: the CPU, torch's version and
+    C++ ABI, Python's version, the flags and the source's text. Not by where torch or the
+    source lie, so the venvs of one checkout (the vLLM hand-over runs under .venv-vllm, with
+    the same torch) and two checkouts sharing `$INFEROS_HOME` (a CI clone beside a working
+    tree) share one build: each used to compile all six kernels again (~100 s on 2 cores)."""
     source = CSRC / f"{name}.cpp"
     key = "|".join(
         [
             _cpu_signature(),
             torch.__version__,
-            str(Path(torch.__file__).resolve().parent),
+            str(torch._C._GLIBCXX_USE_CXX11_ABI),
             platform.python_version(),
             " ".join(CFLAGS),
-            str(source.resolve()),
             hashlib.sha256(source.read_bytes()).hexdigest(),
         ]
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return inferos_home() / "torch_extensions" / f"{name}-{digest}"
+
+
+def library_path(name: str) -> Path:
+    """The `.so` that `cpp_extension.load` leaves in the build directory."""
+    return build_directory(name) / f"inferos_{name}.so"
 
 
 def _build(name: str) -> None:
@@ -76,9 +81,16 @@ def _build(name: str) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     # torch's own build lock is a file that a killed build (Ctrl-C, SIGTERM of a replica
     # mid-start) leaves behind, and every later build then waits on it forever; an OS lock
-    # dies with its process, and whoever holds it may remove a stale torch lock.
+    # dies with its process, and whoever holds it may remove a stale torch lock. Held while
+    # loading too, so nobody loads a library another process is still linking.
     with (directory / "inferos.flock").open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
+        library = library_path(name)
+        if library.exists():
+            # built already, maybe by another venv or checkout: load it as it is, because
+            # ninja would rebuild it for a command with other include or source paths
+            torch.ops.load_library(str(library))
+            return
         (directory / "lock").unlink(missing_ok=True)
         cpp_extension.load(
             name=f"inferos_{name}",
