@@ -10,7 +10,10 @@ a few uncounted requests, then loaded at each --concurrency level, one level aft
         --dataset-name random --random-input-len 128 --random-output-len 128 --ignore-eos
         --temperature 0 --max-concurrency C --num-prompts N --seed 0 --save-result ...
 
-with N = max(--min-prompts, C x --prompts-per-client). A server this script started is stopped
+with N = max(--min-prompts, C x --prompts-per-client). With --rounds R, all of that R times,
+the servers' order reversed every other round (benchmarks/peer_rounds.py): the tables give
+medians over rounds and ratios paired within a round, so that the VM's drift of speed over
+minutes does not pass for a difference between servers. A server this script started is stopped
 (its whole session, Ray workers included) before the next one starts, so no two servers ever
 share the CPU.
 
@@ -60,12 +63,14 @@ import sys
 import threading
 import time
 import urllib.error
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_vllm  # noqa: E402
+import peer_rounds  # noqa: E402
 from compare_vllm import (  # noqa: E402
     ROOT,
     ManagedServer,
@@ -483,8 +488,10 @@ def bench_server(
     args: argparse.Namespace,
     out_dir: Path,
     result: dict[str, Any],
+    tag: str = "",
 ) -> None:
-    """Fills `result` as it goes, so an interrupted server keeps the runs it finished."""
+    """Fills `result` as it goes, so an interrupted server keeps the runs it finished.
+    `tag` (a round's, e.g. "_r2") goes into the names of its client files."""
     label = LABELS[name]
     t_server = time.monotonic()
     sampler: MemorySampler | None = None
@@ -532,7 +539,7 @@ def bench_server(
                 f"in {sampler.last_nprocs} processes"
             )
             result["memory_ready"] = sampler.window()
-        client_log = out_dir / "logs" / f"{name}_client.log"
+        client_log = out_dir / "logs" / f"{name}{tag}_client.log"
         if args.warmup_prompts > 0:
             warm_c = min(args.warmup_prompts, max(args.concurrency))
             log(
@@ -560,7 +567,7 @@ def bench_server(
             )
             if sampler:
                 sampler.mark()
-            raw = out_dir / "raw" / f"{name}_c{c}.json"
+            raw = out_dir / "raw" / f"{name}{tag}_c{c}.json"
             res, elapsed, cmd = run_client(
                 args, base_url, c, n, args.output_len, raw, client_log, sampler, f"{label} c={c}"
             )
@@ -659,16 +666,22 @@ def fmt(value: Any, digits: int = 1) -> str:
 
 
 def cell(report: dict[str, Any], name: str, c: int, key: str) -> float | None:
-    run = report["servers"].get(name, {}).get("runs", {}).get(str(c)) or {}
-    if key == "peak_rss_mib":
-        value = (run.get("memory") or {}).get(key)
-    else:
-        value = (run.get("result") or {}).get(key)
-    return float(value) if isinstance(value, (int, float)) else None
+    """`name`'s number at level `c`: the median over the report's rounds (one round: its)."""
+    return peer_rounds.median_value(report, name, c, key)
+
+
+def server_names(report: dict[str, Any]) -> list[str]:
+    """Every server of the report, in the first round's order."""
+    names: list[str] = []
+    for r in peer_rounds.rounds_of(report):
+        names += [n for n in r["servers"] if n not in names]
+    return names
 
 
 def markdown(report: dict[str, Any]) -> str:
     cfg, m = report["config"], report["machine"]
+    rounds = peer_rounds.rounds_of(report)
+    first = rounds[0]["servers"]
     flags = ", ".join(f for f, on in (m.get("cpu_flags") or {}).items() if on) or "-"
     lines = [
         "# Serving peers, measured by `vllm bench serve`",
@@ -686,7 +699,14 @@ def markdown(report: dict[str, Any]) -> str:
         "server's session; a server given by URL: the tree its port's process is in); "
         "a shared page counts once per process",
     ]
-    for name, side in report["servers"].items():
+    if len(rounds) > 1:
+        orders = "; ".join(" then ".join(LABELS[n] for n in r["order"]) for r in rounds)
+        lines.append(
+            f"- {len(rounds)} rounds, each server once per round, in alternating order "
+            f"({orders}): each number below is the median over the rounds, each ratio the "
+            "median of the ratios taken within a round"
+        )
+    for name, side in first.items():
         line = f"- {LABELS[name]}: {side['base_url']}"
         if side.get("command"):
             line += f" (`{side['command']}`)"
@@ -704,16 +724,16 @@ def markdown(report: dict[str, Any]) -> str:
         "| server | c | output tok/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, side in report["servers"].items():
-        if not side.get("runs"):
+    for name in server_names(report):
+        if not peer_rounds.has_runs(report, name):
             continue  # failed before its first run: see its line above
         for c in cfg["concurrency"]:
             cells = [LABELS[name], str(c)]
             cells += [fmt(cell(report, name, c, k), d) for k, _, d in COLUMNS]
             cells.append(fmt(cell(report, name, c, "peak_rss_mib"), 0))
             lines.append("| " + " | ".join(cells) + " |")
-    peers = [p for p in ("vllm", "llama") if report["servers"].get(p, {}).get("runs")]
-    if "ours" in report["servers"] and peers:
+    peers = [p for p in ("vllm", "llama") if peer_rounds.has_runs(report, p)]
+    if peer_rounds.has_runs(report, "ours") and peers:
         lines += [
             "",
             "Ratios ours / peer (tok/s: above 1 is better; TTFT, TPOT, RSS: below 1 is better)",
@@ -725,17 +745,32 @@ def markdown(report: dict[str, Any]) -> str:
             for c in cfg["concurrency"]:
                 cells = [LABELS[peer], str(c)]
                 for key in [k for k, _, _ in COLUMNS] + ["peak_rss_mib"]:
-                    a, b = cell(report, "ours", c, key), cell(report, peer, c, key)
-                    cells.append(fmt(a / b, 2) if a is not None and b else "-")
+                    cells.append(fmt(peer_rounds.paired_ratio(report, peer, c, key), 2))
                 lines.append("| " + " | ".join(cells) + " |")
+        if len(rounds) > 1:
+            lines += [
+                "",
+                "Output tok/s ratio ours / peer in each round",
+                "",
+                "| ours / | c | " + " | ".join(f"round {i + 1}" for i in range(len(rounds))) + " |",
+                "|---|---:|" + "---:|" * len(rounds),
+            ]
+            for peer in peers:
+                for c in cfg["concurrency"]:
+                    per = peer_rounds.round_ratios(report, peer, c, "output_throughput")
+                    cells = [LABELS[peer], str(c)] + [fmt(x, 2) for x in per]
+                    lines.append("| " + " | ".join(cells) + " |")
     notes = []
-    for name, side in report["servers"].items():
-        for c, run in side.get("runs", {}).items():
-            res = run.get("result")
-            if res is None:
-                notes.append(f"{LABELS[name]} c={c}: client failed (logs/{name}_client.log)")
-            elif res.get("failed"):
-                notes.append(f"{LABELS[name]} c={c}: {res['failed']} failed requests")
+    for i, r in enumerate(rounds):
+        where = f" (round {i + 1})" if len(rounds) > 1 else ""
+        for name, side in r["servers"].items():
+            for c, run in side.get("runs", {}).items():
+                res = run.get("result")
+                if res is None:
+                    notes.append(f"{LABELS[name]} c={c}{where}: client failed (logs/)")
+                elif res.get("failed"):
+                    notes.append(f"{LABELS[name]} c={c}{where}: {res['failed']} failed requests")
+    for name, side in first.items():
         slots = (side.get("versions") or {}).get("total_slots")
         if isinstance(slots, int) and any(c > slots for c in cfg["concurrency"]):
             notes.append(f"{LABELS[name]} has {slots} slots: above that, requests queue in it")
@@ -754,7 +789,7 @@ def plot(report: dict[str, Any], png: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = [("output_throughput", "output tokens/s"), ("median_ttft_ms", "TTFT p50 (ms)")]
     for ax, (key, title) in zip(axes, panels, strict=True):
-        for name in report["servers"]:
+        for name in server_names(report):
             pts = [(c, cell(report, name, c, key)) for c in levels]
             pts = [(c, v) for c, v in pts if v is not None]
             if pts:
@@ -779,7 +814,10 @@ def plot(report: dict[str, Any], png: Path) -> None:
 
 def write_plot(report: dict[str, Any], json_path: Path, png: Path) -> bool:
     if not any(
-        run.get("result") for side in report["servers"].values() for run in side["runs"].values()
+        run.get("result")
+        for r in peer_rounds.rounds_of(report)
+        for side in r["servers"].values()
+        for run in side["runs"].values()
     ):
         log("no results: no plot")
         return False
@@ -845,6 +883,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--run-timeout-s", type=float, default=3600.0, help="per client run (default 3600)"
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every server this many times, in alternating order; report medians and "
+        "ratios paired within a round (benchmarks/peer_rounds.py; default 1)",
+    )
     p.add_argument("--mem-interval-s", type=float, default=1.0, help="RSS sample period")
     p.add_argument("--progress-every-s", type=float, default=30.0, help="progress line period")
     p.add_argument("--out-dir", type=Path, default=None)
@@ -855,6 +900,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args
     if args.skip_ours and args.skip_vllm and not args.llama_url:
         p.error("nothing to run: --skip-ours and --skip-vllm without --llama-url")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if any(c <= 0 for c in args.concurrency):
         p.error("--concurrency values must be positive")
     if not (args.vllm_venv / "bin" / "vllm").exists():
@@ -880,54 +927,20 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / "raw").mkdir(parents=True, exist_ok=True)
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
 
-    servers: list[tuple[str, str, ManagedServer | None]] = []
-    if not args.skip_ours:
-        if args.ours_url:
-            servers.append(("ours", args.ours_url, None))
-        else:
-            if os.environ.get("RAY_ADDRESS"):
-                log(
-                    "WARNING: RAY_ADDRESS is set: our server joins that cluster, whose "
-                    "processes are outside its session and not in its RSS"
-                )
-            cmd = [str(DEFAULT_OURS_BIN), "serve", "--host", "127.0.0.1"]
-            cmd += ["--port", str(args.ours_port), *shlex.split(args.ours_args)]
-            log_path = out_dir / "logs" / "ours_server.log"
-            servers.append(
-                (
-                    "ours",
-                    f"http://127.0.0.1:{args.ours_port}",
-                    ManagedServer("ours", cmd, dict(os.environ), log_path),
-                )
-            )
-    if not args.skip_vllm:
-        if args.vllm_url:
-            servers.append(("vllm", args.vllm_url, None))
-        else:
-            env = dict(os.environ, PORT=str(args.vllm_port), VLLM_VENV=str(args.vllm_venv))
-            cmd = ["bash", str(VLLM_SERVE_SH), *shlex.split(args.vllm_args)]
-            log_path = out_dir / "logs" / "vllm_server.log"
-            servers.append(
-                (
-                    "vllm",
-                    f"http://127.0.0.1:{args.vllm_port}",
-                    ManagedServer("vllm", cmd, env, log_path),
-                )
-            )
-    if args.llama_url:
-        servers.append(("llama", args.llama_url, None))
-
+    servers = server_specs(args, out_dir)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # unwinds like Ctrl-C: servers get stopped
     report: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": machine_info(),
         "started_at": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "loadavg_start": loadavg(),
-        "servers": {},
+        "rounds": [],
     }
+    names = [name for name, _, _ in servers]
     log(
-        f"servers {[LABELS[n] for n, _, _ in servers]}, concurrency {args.concurrency}, "
-        f"{args.input_len} in / {args.output_len} out, seed {args.seed}; out {out_dir}"
+        f"servers {[LABELS[n] for n in names]}, concurrency {args.concurrency}, "
+        f"{args.input_len} in / {args.output_len} out, seed {args.seed}, "
+        f"{args.rounds} round(s); out {out_dir}"
     )
     log(
         f"machine: {report['machine'].get('model_name')}, {report['machine'].get('cpus')} CPUs, "
@@ -935,17 +948,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     code = 0
     t0 = time.monotonic()
+    by_name = {name: (url, make) for name, url, make in servers}
     try:
-        for name, url, server in servers:
-            log(f"=== {LABELS[name]} ({time.monotonic() - t0:.0f}s into the benchmark)")
-            side: dict[str, Any] = {"base_url": url, "runs": {}}
-            report["servers"][name] = side
-            try:
-                bench_server(name, url, server, args, out_dir, side)
-            except (RuntimeError, TimeoutError) as e:
-                log(f"{LABELS[name]}: {e}")
-                side["error"] = str(e)
-                code = 1
+        for r in range(args.rounds):
+            order = peer_rounds.round_order(names, r)
+            this_round: dict[str, Any] = {"order": order, "servers": {}}
+            report["rounds"].append(this_round)
+            if args.rounds == 1:
+                report["servers"] = this_round["servers"]  # the format before rounds
+            tag = f"_r{r + 1}" if args.rounds > 1 else ""
+            for name in order:
+                url, make = by_name[name]
+                log(
+                    f"=== {LABELS[name]}"
+                    + (f", round {r + 1} of {args.rounds}" if args.rounds > 1 else "")
+                    + f" ({time.monotonic() - t0:.0f}s into the benchmark)"
+                )
+                side: dict[str, Any] = {"base_url": url, "runs": {}}
+                this_round["servers"][name] = side
+                try:
+                    bench_server(name, url, make(tag), args, out_dir, side, tag)
+                except (RuntimeError, TimeoutError) as e:
+                    log(f"{LABELS[name]}: {e}")
+                    side["error"] = str(e)
+                    code = 1
     except KeyboardInterrupt:
         log("interrupted; servers this script started have been stopped")
         code = 130
@@ -959,16 +985,57 @@ def main(argv: list[str] | None = None) -> int:
     plotted = write_plot(report, json_path, png)
     log(f"wrote {json_path}, {md_path}" + (f", {png}" if plotted else ""))
     log(f"done in {time.monotonic() - t0:.0f}s")
-    for name, side in report["servers"].items():
+    sides = [side for r in report["rounds"] for side in r["servers"].items()]
+    for name, side in sides:
         for c, run in side.get("runs", {}).items():
             print("summary: " + summary_line(LABELS[name], int(c), run), flush=True)
     if code == 0 and any(
-        run.get("result") is None
-        for side in report["servers"].values()
-        for run in side["runs"].values()
+        run.get("result") is None for _, side in sides for run in side["runs"].values()
     ):
         code = 1
     return code
+
+
+# a server's name, base URL, and what starts it for a round (given its tag; None: a server
+# given by URL, benched as it runs)
+ServerSpec = tuple[str, str, Callable[[str], ManagedServer | None]]
+
+
+def server_specs(args: argparse.Namespace, out_dir: Path) -> list[ServerSpec]:
+    """The servers to bench, in order; a started server gets a new log per round."""
+    servers: list[ServerSpec] = []
+    if not args.skip_ours:
+        if args.ours_url:
+            servers.append(("ours", args.ours_url, lambda tag: None))
+        else:
+            if os.environ.get("RAY_ADDRESS"):
+                log(
+                    "WARNING: RAY_ADDRESS is set: our server joins that cluster, whose "
+                    "processes are outside its session and not in its RSS"
+                )
+            cmd = [str(DEFAULT_OURS_BIN), "serve", "--host", "127.0.0.1"]
+            cmd += ["--port", str(args.ours_port), *shlex.split(args.ours_args)]
+
+            def ours(tag: str) -> ManagedServer:
+                log_path = out_dir / "logs" / f"ours{tag}_server.log"
+                return ManagedServer("ours", cmd, dict(os.environ), log_path)
+
+            servers.append(("ours", f"http://127.0.0.1:{args.ours_port}", ours))
+    if not args.skip_vllm:
+        if args.vllm_url:
+            servers.append(("vllm", args.vllm_url, lambda tag: None))
+        else:
+            env = dict(os.environ, PORT=str(args.vllm_port), VLLM_VENV=str(args.vllm_venv))
+            vllm_cmd = ["bash", str(VLLM_SERVE_SH), *shlex.split(args.vllm_args)]
+
+            def vllm(tag: str) -> ManagedServer:
+                log_path = out_dir / "logs" / f"vllm{tag}_server.log"
+                return ManagedServer("vllm", vllm_cmd, env, log_path)
+
+            servers.append(("vllm", f"http://127.0.0.1:{args.vllm_port}", vllm))
+    if args.llama_url:
+        servers.append(("llama", args.llama_url, lambda tag: None))
+    return servers
 
 
 if __name__ == "__main__":
