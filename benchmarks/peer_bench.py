@@ -802,9 +802,11 @@ def plot(report: dict[str, Any], png: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend()
     m, cfg = report["machine"], report["config"]
+    num_rounds = len(peer_rounds.rounds_of(report))
     fig.suptitle(
         f"vllm bench serve, {cfg['input_len']} in / {cfg['output_len']} out, "
-        f"{m.get('model_name')} ({m.get('cpus')} CPUs)",
+        f"{m.get('model_name')} ({m.get('cpus')} CPUs)"
+        + (f", median of {num_rounds} rounds" if num_rounds > 1 else ""),
         fontsize=10,
     )
     fig.tight_layout()
