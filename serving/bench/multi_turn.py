@@ -319,24 +319,40 @@ async def _cold_probe_run(
 
 
 def plot_turns(summaries: list[dict], labels: list[str], path: Path) -> None:
-    """TTFT p50 per turn, one bar group per summary (e.g. reuse on vs off)."""
+    """TTFT p50 per turn, one bar group per summary (e.g. reuse on vs off), and the cold
+    prompt of the last turn's length as a last group where it was probed: the comparison
+    the warm turns are there for."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     turns = sorted({int(t) for s in summaries for t in s["per_turn"] if t != "cold"})
+    cold_x = max(turns) + 1
     width = 0.8 / len(summaries)
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (s, label) in enumerate(zip(summaries, labels, strict=True)):
         values = [s["per_turn"][str(t)]["ttft_ms"]["p50"] or 0 for t in turns]
         xs = [t + (i - (len(summaries) - 1) / 2) * width for t in turns]
+        if "cold" in s["per_turn"]:
+            values.append(s["per_turn"]["cold"]["ttft_ms"]["p50"] or 0)
+            xs.append(cold_x + (i - (len(summaries) - 1) / 2) * width)
         bars = ax.bar(xs, values, width, label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks(turns)
+    probed = any("cold" in s["per_turn"] for s in summaries)
+    ticks = turns + ([cold_x] if probed else [])
+    ax.set_xticks(ticks, [str(t) for t in turns] + (["cold,\nsame length"] if probed else []))
     ax.set_xlabel("turn")
     ax.set_ylabel("TTFT p50 (ms)")
-    ax.set_title(f"multi-turn chat: {summaries[0]['sessions']} sessions")
+    sessions = summaries[0]["sessions"]
+    title = f"multi-turn chat: {sessions} session{'s' if sessions != 1 else ''}"
+    ratio = summaries[0].get("cold_over_warm_ttft_p50")
+    if ratio is not None:
+        title += f"; cold / warm turn {max(turns)}: {ratio:.1f}x"
+    rounds = summaries[0].get("rounds", 1)
+    if rounds > 1:
+        title += f" (pooled over {rounds} rounds)"
+    ax.set_title(title, fontsize=10)
     ax.set_ylim(top=ax.get_ylim()[1] * 1.25)  # room for the legend above the bars
     ax.legend(loc="upper left", ncols=len(summaries))
     fig.tight_layout()

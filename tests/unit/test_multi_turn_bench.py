@@ -91,3 +91,32 @@ def test_rounds_flag_defaults_to_one_and_must_be_positive(capsys):
     args = _parse(["--multi-turn", "--rounds", "0"])
     assert run(args) == 2
     assert "--rounds must be positive" in capsys.readouterr().err
+
+
+def test_plot_shows_the_cold_probe_beside_the_turns(tmp_path, monkeypatch):
+    """The PNG has one bar per turn and one for the cold prompt, and its title the ratio."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    from serving.bench.multi_turn import plot_turns
+
+    drawn: dict = {}
+    bar, set_title = matplotlib.axes.Axes.bar, matplotlib.axes.Axes.set_title
+
+    def recording_bar(self, xs, values, *args, **kwargs):
+        drawn["values"] = list(values)
+        return bar(self, xs, values, *args, **kwargs)
+
+    def recording_title(self, title, *args, **kwargs):
+        drawn["title"] = title
+        return set_title(self, title, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", recording_bar)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", recording_title)
+    rounds = [_round(0, {1: 600, 2: 100}, 800), _round(1, {1: 640, 2: 200}, 1200)]
+    pooled = pool_rounds(rounds, 2)
+    png = tmp_path / "turns.png"
+    plot_turns([pooled], ["http://x"], png)
+    assert png.stat().st_size > 0
+    assert drawn["values"] == [620.0, 150.0, 1000.0]  # p50 of turns 1 and 2, then cold
+    assert "cold / warm turn 2: 6.7x" in drawn["title"] and "2 rounds" in drawn["title"]
