@@ -762,12 +762,13 @@ def markdown(report: dict[str, Any]) -> str:
                     lines.append("| " + " | ".join(cells) + " |")
     notes = []
     for i, r in enumerate(rounds):
-        where = f" (round {i + 1})" if len(rounds) > 1 else ""
+        where, tag = (f" (round {i + 1})", f"_r{i + 1}") if len(rounds) > 1 else ("", "")
         for name, side in r["servers"].items():
             for c, run in side.get("runs", {}).items():
                 res = run.get("result")
                 if res is None:
-                    notes.append(f"{LABELS[name]} c={c}{where}: client failed (logs/)")
+                    log_name = f"logs/{name}{tag}_client.log"
+                    notes.append(f"{LABELS[name]} c={c}{where}: client failed ({log_name})")
                 elif res.get("failed"):
                     notes.append(f"{LABELS[name]} c={c}{where}: {res['failed']} failed requests")
     for name, side in first.items():

@@ -82,6 +82,8 @@ def test_a_failed_run_is_left_out_not_counted_as_zero() -> None:
     assert peer_rounds.round_ratios(report, "vllm", 32, "output_throughput") == [None, 1.25, None]
     assert peer_rounds.paired_ratio(report, "vllm", 32, "output_throughput") == 1.25
     assert peer_rounds.paired_ratio(report, "llama", 32, "output_throughput") is None
+    notes = peer_bench.markdown(report)
+    assert "vLLM c=32 (round 1): client failed (logs/vllm_r1_client.log)" in notes
 
 
 def test_a_report_without_rounds_reads_as_one_round() -> None:
