@@ -21,7 +21,9 @@ import asyncio
 import contextlib
 import errno
 import logging
+import random
 import socket
+from pathlib import Path
 
 import uvicorn
 from ray.serve.config import HTTPOptions
@@ -57,9 +59,38 @@ def bind_socket(host: str, port: int, share: bool) -> socket.socket:
     return sock
 
 
-def free_port(host: str) -> int:
-    """A port the kernel has just handed out as free on host (for Serve's proxy)."""
-    with bind_socket(host, 0, share=False) as sock:
+# Ray's workers listen on ports 10002-19999 unless told otherwise (--min/max-worker-port).
+RAY_WORKER_PORTS_END = 20000
+LINUX_EPHEMERAL_PORTS = (32768, 60999)
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands to whoever binds port 0 (inclusive)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return LINUX_EPHEMERAL_PORTS
+
+
+def free_port(host: str, attempts: int = 100) -> int:
+    """A port free on `host` now that stays free until someone asks for it by number (Serve's
+    proxy here; the test apps' ports): one outside the kernel's ephemeral range and Ray's
+    worker ports. A port the kernel picks for a bind to port 0 lies in the ephemeral range,
+    where any of the dozens of sockets a starting Ray cluster binds to port 0 may be handed
+    the same number before our server binds it (seen in CI: `inferos serve --port P` failed
+    with P taken by its own new Ray cluster)."""
+    low, high = ephemeral_port_range()
+    ranges = [r for r in (range(RAY_WORKER_PORTS_END, low), range(high + 1, 65536)) if r]
+    for _ in range(attempts if ranges else 0):
+        span = random.choice(ranges)
+        port = random.randrange(span.start, span.stop)
+        try:
+            with bind_socket(host, port, share=False):
+                return port
+        except PortInUse:
+            continue
+    with bind_socket(host, 0, share=False) as sock:  # nothing else free: the kernel's pick
         return sock.getsockname()[1]
 
 

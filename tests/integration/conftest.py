@@ -3,7 +3,6 @@ every integration test (starting it costs ~30 s on a 2-core box)."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,6 +14,7 @@ from ray import serve
 
 from deployments.actors import KV_STORE_NAME, NAMESPACE, SCHEDULER_NAME
 from deployments.app import APP_NAME
+from deployments.direct_http import free_port
 from serving.config import InferosConfig
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -22,12 +22,6 @@ MODEL = "SmolLM2-135M-Instruct"
 MAX_PENDING = 20
 # The control API's changes need it (tests/integration/test_control_api.py, test_console.py).
 ADMIN_TOKEN = "integration-admin-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -98,7 +92,8 @@ class AppManager:
             return self.current
         if self.current is not None:
             stop_app()
-        config = InferosConfig.model_validate(_merge(data, {"server": {"port": _free_port()}}))
+        port = free_port("127.0.0.1")
+        config = InferosConfig.model_validate(_merge(data, {"server": {"port": port}}))
         url = run_app(config, timeout_s=600)
         self.current, self.current_key = LiveApp(url, config), key
         return self.current

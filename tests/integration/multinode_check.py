@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -22,17 +21,12 @@ from ray import serve
 from ray.cluster_utils import Cluster
 
 from deployments.app import APP_NAME
+from deployments.direct_http import free_port
 from deployments.launch import close_local_cluster, run_app, shutdown, wait_healthy
 from serving.config import InferosConfig
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def node_of(deployment: str) -> str:
@@ -71,7 +65,7 @@ def main() -> dict:
             "kv_cache": {"num_blocks": 256},
             "prefill": {"resources": {"gpu_node": 1}, "torch_threads": 1},
             "decode": {"resources": {"npu_node": 1}, "torch_threads": 1},
-            "server": {"port": free_port()},
+            "server": {"port": free_port("127.0.0.1")},
         }
     )
     result: dict = {"nodes": len(ray.nodes())}

@@ -17,7 +17,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import MODEL, AppManager, LiveApp, _free_port
+from deployments.direct_http import free_port
+from tests.integration.conftest import MODEL, AppManager, LiveApp
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "monitoring" / "grafana-dashboard.json"
 METRIC = re.compile(r"inferos:[a-zA-Z0-9_:]+")
@@ -50,7 +51,7 @@ def prometheus(live: LiveApp, tmp_path_factory: pytest.TempPathFactory) -> Itera
         "    metrics_path: /metrics\n"
         f"    static_configs: [{{targets: ['{target}']}}]\n"
     )
-    port = _free_port()
+    port = free_port("127.0.0.1")
     proc = subprocess.Popen(
         [
             binary,

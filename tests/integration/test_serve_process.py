@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import httpx
 import psutil
 import pytest
 
+from deployments.direct_http import free_port
 from deployments.launch import ENABLE_CLUSTERS_ENV
 from tests.integration.conftest import MODEL
 
@@ -30,12 +30,6 @@ INFEROS = Path(sys.executable).parent / "inferos"
 KEYS = ("first-key", "second-key")
 STOP_WITHIN_S = 10.0
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -49,7 +43,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    port = _free_port()
+    port = free_port("127.0.0.1")
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     with log.open("wb") as out:
