@@ -332,11 +332,12 @@ def plot_turns(summaries: list[dict], labels: list[str], path: Path) -> None:
     width = 0.8 / len(summaries)
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (s, label) in enumerate(zip(summaries, labels, strict=True)):
+        offset = (i - (len(summaries) - 1) / 2) * width  # this summary's bar in each group
         values = [s["per_turn"][str(t)]["ttft_ms"]["p50"] or 0 for t in turns]
-        xs = [t + (i - (len(summaries) - 1) / 2) * width for t in turns]
+        xs = [t + offset for t in turns]
         if "cold" in s["per_turn"]:
             values.append(s["per_turn"]["cold"]["ttft_ms"]["p50"] or 0)
-            xs.append(cold_x + (i - (len(summaries) - 1) / 2) * width)
+            xs.append(cold_x + offset)
         bars = ax.bar(xs, values, width, label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
     probed = any("cold" in s["per_turn"] for s in summaries)

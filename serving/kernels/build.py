@@ -69,9 +69,10 @@ def build_directory(name: str) -> Path:
     return inferos_home() / "torch_extensions" / f"{name}-{digest}"
 
 
-def library_path(name: str) -> Path:
-    """The `.so` that `cpp_extension.load` leaves in the build directory."""
-    return build_directory(name) / f"inferos_{name}.so"
+def library_path(name: str, directory: Path | None = None) -> Path:
+    """The `.so` that `cpp_extension.load` leaves in the build directory (`directory`,
+    where the caller has it already: working it out hashes the source again)."""
+    return (directory or build_directory(name)) / f"inferos_{name}.so"
 
 
 def _build(name: str) -> None:
@@ -85,7 +86,7 @@ def _build(name: str) -> None:
     # loading too, so nobody loads a library another process is still linking.
     with (directory / "inferos.flock").open("w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        library = library_path(name)
+        library = library_path(name, directory)
         if library.exists():
             # built already, maybe by another venv or checkout: load it as it is, because
             # ninja would rebuild it for a command with other include or source paths
