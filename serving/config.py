@@ -48,11 +48,12 @@ class ModelSettings(_Strict):
     )
     max_model_len: PositiveInt = Field(2048, description="Prompt + generated tokens per request")
     int4_max_tokens: int = Field(
-        64,
+        256,
         ge=0,
         description="bfloat16 only: engine steps of up to this many tokens use a 4-bit repack "
-        "of linear weights that came from a 4-bit GGUF (on a CPU with AMX: the AMX kernel, "
-        "activations rounded to int8 per group of 32 as llama.cpp does; else exact), or the "
+        "of linear weights that came from a 4-bit GGUF (on a CPU with AMX or AVX-512 VNNI: "
+        "the W4A8 kernel, activations rounded to int8 per group of 32 as llama.cpp does, "
+        "exact up to 4 rows; else exact), or the "
         "int8/int4 kernels of weights: int8|int4 (0 = off); with dense_kernels measured, "
         "each weight shape uses it up to the token count (at most this) where it measures "
         "faster than the dense matmul on this machine",

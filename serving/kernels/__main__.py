@@ -18,7 +18,7 @@ KERNELS: dict[str, Callable[[], bool]] = {
     "paged_attention": paged_attention.kernel_available,
     "q8_linear": q8_linear.kernel_available,
     "q4_linear": q4_linear.kernel_available,
-    "q4_amx": q4_amx.kernel_built,  # built everywhere; runs where the CPU has AMX
+    "q4_amx": q4_amx.kernel_built,  # built everywhere; runs where the CPU has AMX or VNNI
     "fused_ops": fused_ops.kernel_available,
     "greedy": greedy.kernel_available,
 }

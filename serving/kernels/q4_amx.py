@@ -1,6 +1,7 @@
-"""Int4 linear on AMX for decode batches (`csrc/q4_amx.cpp`): the Q4_1 codes as nibbles in
+"""Int4 linear for decode batches (`csrc/q4_amx.cpp`, W4A8): the Q4_1 codes as nibbles in
 the AMX B operand's order, the activations rounded to int8 per group of 32 as llama.cpp
-does. Where the CPU or the OS has no AMX int8, `kernel_available` is False."""
+does; multiplied with AMX tiles where the CPU and OS allow them, else with AVX-512 VNNI
+(same results). Where neither is there, `kernel_available` is False."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ def kernel_built() -> bool:
 
 def kernel_available() -> bool:
     return kernel_built() and torch.ops.inferos.q4_amx_available()
+
+
+def isa() -> str:
+    """"amx", "avx512_vnni", or "" where the kernel cannot run."""
+    return torch.ops.inferos.q4_amx_isa() if kernel_built() else ""
 
 
 def pack_tiles(

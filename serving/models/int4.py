@@ -3,8 +3,9 @@
 A single decode stream on CPU is bound by the bytes of weights read per step. Weights
 dequantized from Q4_1 lie exactly on a 16-level grid per group of 32 inputs
 (`w = min + q * (max - min) / 15`), so they can be packed back into 4 bits and multiplied
-with our AMX kernel where the CPU has AMX int8 (`serving/kernels/q4_amx.py`: codes as
-nibbles, activations quantized to int8 per group of 32 as llama.cpp does), else our vector
+with our W4A8 kernel where the CPU has AMX int8 or AVX-512 VNNI (`serving/kernels/q4_amx.py`:
+codes as nibbles, activations quantized to int8 per group of 32 as llama.cpp does), else our
+vector
 kernel (`serving/kernels/q4_linear.py`: codes two a byte, fp32 scales and offsets, so
 exactly the GGUF's weights), or torch's int4 CPU kernel where neither can be built (bf16
 scales). A kernel loses to dense bf16 matmul once the batch is compute-bound, so each layer
@@ -54,27 +55,32 @@ def quantize_on_grid(
     return q.view(n, k).to(torch.int32), scales_and_zeros
 
 
-# On a CPU with AMX, steps of up to this many rows (a single stream's step and its
+# On a CPU with the W4A8 kernel, steps of up to this many rows (a single stream's step and its
 # speculative verify of 1 + `speculation.k_max` = 4 tokens, small batches) still run the
 # exact kernel: the int8 activations' rounding flips near-tie tokens against a bf16
-# reference (the vLLM hand-over's greedy checks decode 3 rows). Above it AMX runs: a c=8
+# reference (the vLLM hand-over's greedy checks decode 3 rows). Above it W4A8 runs: a c=8
 # decode step measured 41.2 -> 32.1 ms with AMX at 8 rows (/tmp A/B in one engine, 12 rounds),
-# a 3-row one 22.2 -> 17.3 ms, so a larger exact range costs batches dearly.
+# a 3-row one 22.2 -> 17.3 ms, so a larger exact range costs batches dearly. (On a 2-vCPU
+# Zen 5 with AVX-512 VNNI, 30 layers of each SmolLM2 shape: up to 4 rows the exact kernel
+# is as fast, 2.5-3.6 ms against 2.6-3.1, both bound by the bytes read.)
 EXACT_ROWS = 4
 
-# The exact and torch kernels (fp32 models, CPUs without AMX) run int4 up to this many rows
-# at most: what they did before `model.int4_max_tokens` went to 64 for the AMX kernel.
+# The exact and torch kernels (fp32 models, CPUs with neither AMX nor AVX-512 VNNI) run int4
+# up to this many rows at most: what they did before `model.int4_max_tokens` went to 64 for
+# the W4A8 kernel.
 NON_AMX_MAX_ROWS = 8
 
 
 def kernel_for(group_size: int, dtype: torch.dtype) -> str:
     """The int4 kernel a layer with groups of `group_size` in a `dtype` model runs here:
-    `amx` (AMX int8, bf16 models only: activations rounded to int8 per group of 32, as a
-    bf16 model's already are to 8 significant bits; at 8-32 rows ~1.4-1.9x faster than dense
-    bf16 and than `q4` from 4 rows, reading 6 bits a weight where `q4` reads 12 and bf16
-    16), `q4` (activations as given, so an fp32 model's steps stay exact), or torch's."""
+    `w4a8` (AMX int8 or AVX-512 VNNI, bf16 models only: activations rounded to int8 per
+    group of 32, as a bf16 model's already are to 8 significant bits; on AMX at 8-32 rows
+    ~1.4-1.9x faster than dense bf16 and than `q4` from 4 rows, reading 6 bits a weight
+    where `q4` reads 12 and bf16 16; with VNNI on a Zen 5 1.6x faster than `q4` at 8 rows
+    and 3.5x faster than dense bf16), `q4` (activations as given, so an fp32 model's steps
+    stay exact), or torch's."""
     if group_size == q4.GROUP_SIZE and dtype == torch.bfloat16 and q4_amx.kernel_available():
-        return "amx"
+        return "w4a8"
     if group_size == q4.GROUP_SIZE and q4.kernel_available():
         return "q4"
     return "torch"
@@ -97,16 +103,16 @@ class HybridInt4Linear(nn.Module):
         self.max_int4_tokens = max_int4_tokens
         self.group_size = group_size  # inputs per (scale, zero): Q4_1's 32, or `model.weights`'
         self.kernel = kernel_for(group_size, linear.weight.dtype)
-        # steps of up to EXACT_ROWS rows on the AMX machine: the exact kernel's codes
+        # steps of up to EXACT_ROWS rows on a W4A8 machine: the exact kernel's codes
         self.codes_exact: torch.Tensor | None = None
-        if self.kernel in ("amx", "q4"):  # exact scales (fp32): the GGUF's own weights
+        if self.kernel in ("w4a8", "q4"):  # exact scales (fp32): the GGUF's own weights
             scale, zero = scales_and_zeros.float().permute(2, 1, 0)  # 2 x [N, K/g]
-            pack = q4_amx.pack_tiles if self.kernel == "amx" else q4.pack_tiles
+            pack = q4_amx.pack_tiles if self.kernel == "w4a8" else q4.pack_tiles
             codes, scales, offsets = pack(q, scale, zero - 8 * scale)
             self.register_buffer("codes", codes)
             self.register_buffer("scales", scales)  # [N/16, K/32, 16]: both kernels' layout
             self.register_buffer("offsets", offsets)
-            if self.kernel == "amx" and q4.kernel_available():
+            if self.kernel == "w4a8" and q4.kernel_available():
                 self.codes_exact = q4.pack_codes(q)
         else:
             self.register_buffer(
@@ -123,10 +129,10 @@ class HybridInt4Linear(nn.Module):
             if self.dense is not None:
                 return self.dense(x)
             return F.linear(x, self.weight, self.bias)
-        if self.kernel in ("amx", "q4"):
+        if self.kernel in ("w4a8", "q4"):
             if self.codes_exact is not None and x.shape[0] <= EXACT_ROWS:
                 run, codes = q4.q4_linear, self.codes_exact
-            elif self.kernel == "amx":
+            elif self.kernel == "w4a8":
                 run, codes = q4_amx.q4_amx_linear, self.codes
             else:
                 run, codes = q4.q4_linear, self.codes
@@ -163,8 +169,11 @@ def repack_int4(
     return swapped
 
 
-# token counts at which the int4 kernel is timed against the dense path of its layer
-INT4_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64)
+# token counts at which the int4 kernel is timed against the dense path of its layer; 128
+# and 256 for prompt chunks: on a 2-vCPU Zen 5 the VNNI W4A8 kernel beats oneDNN's bf16
+# matmul there too (30 layers of each SmolLM2 shape: 27.9 against 38.2 ms at 128 rows, 50.0
+# against 64.4 at 256), where AMX's loses from 48 rows
+INT4_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 128, 256)
 
 
 def measure_max_int4_tokens(
@@ -219,9 +228,9 @@ def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
         by_shape.setdefault(shape_of(m), []).append(m)
 
     def cap_for(group: int) -> int:
-        # only the AMX kernel goes past NON_AMX_MAX_ROWS: the exact and torch kernels keep
-        # the cap they had before it (an fp32 model's steps, CPUs without AMX)
-        return cap if kernel_for(group, dtype) == "amx" else min(cap, NON_AMX_MAX_ROWS)
+        # only the W4A8 kernel goes past NON_AMX_MAX_ROWS: the exact and torch kernels keep
+        # the cap they had before it (an fp32 model's steps, CPUs with neither AMX nor VNNI)
+        return cap if kernel_for(group, dtype) == "w4a8" else min(cap, NON_AMX_MAX_ROWS)
 
     def key(n: int, k: int, group: int) -> str:
         # v7: buckets to 64, over every layer of the shape; our kernels (group 32) or

@@ -1,8 +1,9 @@
-"""The AMX int4 kernel (`csrc/q4_amx.cpp`): equal to the dequantized matmul of the
-activations as it rounds them (int8 per group of 32, scale max|x| / 127, round half to
-even) for any row count (16-row tiles and the trimmed last one), output count (tiles
-padded) and group count; within that rounding of the exact matmul; what a bf16 model's
-`HybridInt4Linear` runs on a machine with AMX."""
+"""The W4A8 int4 kernel (`csrc/q4_amx.cpp`, AMX tiles or AVX-512 VNNI, whichever this CPU
+runs): equal to the dequantized matmul of the activations as it rounds them (int8 per group
+of 32, scale max|x| / 127, round half to even) for any row count (AMX's 16-row tiles and
+the trimmed last one; VNNI's 8-row blocks and the 1-, 2-, 4- or 8-row pass of what is
+left), output count (tiles padded) and group count; within that rounding of the exact
+matmul; what a bf16 model's `HybridInt4Linear` runs on such a machine."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from serving.models.weight_quant import dequantize_int4, quantize_int4_groups
 from tests.unit.test_int4 import _grid_weight, repacked_layer
 
 pytestmark = pytest.mark.skipif(
-    not q4_amx.kernel_available(), reason="no AMX int8 on this CPU (or the kernel did not build)"
+    not q4_amx.kernel_available(),
+    reason="neither AMX int8 nor AVX-512 VNNI on this CPU (or the kernel did not build)",
 )
 
 
@@ -35,7 +37,7 @@ def _packed(n: int, k: int, seed: int):
 
 
 @pytest.mark.parametrize("n,k", [(16, 32), (40, 96), (200, 576)])
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 40])
+@pytest.mark.parametrize("m", [1, 3, 5, 8, 12, 16, 17, 40])
 def test_equals_the_dequantized_matmul_of_the_rounded_activations(n: int, k: int, m: int) -> None:
     q, sz, packed, gen = _packed(n, k, n * k + m)
     codes, scales, offsets = packed
@@ -58,7 +60,7 @@ def test_a_bf16_model_runs_it_and_an_fp32_one_keeps_the_exact_kernel() -> None:
     w = _grid_weight(96, 128, seed=4)
     x = torch.randn(20, 128)
     reference = x.double() @ w.double().T
-    for dtype, kernel, tolerance in ((torch.bfloat16, "amx", 2e-2), (torch.float32, "q4", 1e-5)):
+    for dtype, kernel, tolerance in ((torch.bfloat16, "w4a8", 2e-2), (torch.float32, "q4", 1e-5)):
         layer = repacked_layer(w, dtype, max_int4_tokens=32)
         assert layer.kernel == kernel
         got = layer(x.to(dtype)).double()
@@ -77,12 +79,12 @@ def test_bf16_activations_read_and_written_as_bf16() -> None:
 
 def test_small_steps_keep_the_exact_kernel_beside_it() -> None:
     """Up to `EXACT_ROWS` rows a bf16 model's layer runs the exact kernel (the activations
-    as given), above them the AMX one."""
+    as given), above them the W4A8 one."""
     from serving.kernels import q4_linear as q4
     from serving.models.int4 import EXACT_ROWS
 
     layer = repacked_layer(_grid_weight(96, 128, seed=5), torch.bfloat16, max_int4_tokens=32)
-    assert layer.kernel == "amx" and layer.codes_exact is not None
+    assert layer.kernel == "w4a8" and layer.codes_exact is not None
     for rows, exact in ((EXACT_ROWS, True), (EXACT_ROWS + 1, False)):
         x = torch.randn(rows, 128).to(torch.bfloat16)
         by_q4 = q4.q4_linear(x, layer.codes_exact, layer.scales, layer.offsets, 96)

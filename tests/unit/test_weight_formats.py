@@ -111,7 +111,7 @@ def test_int4_layer_equals_the_dequantized_matmul(group: int) -> None:
     # AMX kernel (group 32, on a CPU with AMX) rounds activations to int8 per group of 32 as
     # well, each by up to 1/254 of its group's max (tests/unit/test_q4_amx_kernel.py checks
     # that rounding exactly)
-    tolerance = 0.02 if layer.kernel == "amx" and layer.codes_exact is None else 0.01
+    tolerance = 0.02 if layer.kernel == "w4a8" and layer.codes_exact is None else 0.01
     assert (layer(x).float() - ref).abs().max() <= tolerance * ref.abs().max()
     big = torch.randn(9, 192, dtype=torch.bfloat16)  # above 8 tokens: the dense path
     assert (layer(big).float() - _reference(big, deq, None)).abs().max() <= 0.01 * ref.abs().max()
@@ -220,7 +220,7 @@ def test_tiny_llama_in_every_format_is_close_to_fp32(tiny_folder: Path, weights:
         load_model(tiny_folder, torch.float32, weights=weights), torch.float32
     )
     amx = any(  # the AMX kernel with no exact kernel for small steps beside it
-        m.kernel == "amx" and m.codes_exact is None
+        m.kernel == "w4a8" and m.codes_exact is None
         for m in model.modules()
         if type(m) is HybridInt4Linear
     )

@@ -18,6 +18,14 @@
 // dequantization costs ~10 instructions per 32 weights at every row count. The int8
 // activations cost perplexity: benchmarks/results/2026-12-06/int4-amx.
 //
+// Without AMX (AMD EPYC Zen 4/5, Intel Ice Lake), the same numbers come from AVX-512 VNNI:
+// VPDPBUSD multiplies 16 outputs' codes (unsigned) by 4 broadcast int8 activations (signed)
+// per instruction, 8 of them per group and row, from the same packed tiles. The int32 group
+// sums are exact on both paths and scaled in the same order, so the two paths give
+// bit-identical outputs; only the speed differs. (On a 2-vCPU Zen 5 with bf16 dense matmuls
+// through oneDNN's AVX-512-BF16, the start-up measurement decides per layer shape up to which
+// batch this kernel runs: `serving/models/int4.py`.)
+//
 // Layout (packed once in Python, `serving/kernels/q4_amx.py`), per tile of 16 outputs and
 // group of 32 inputs, 256 bytes: the AMX B operand [8 rows][16 outputs][4 inputs] (VNNI
 // order) as nibbles, bytes 128 c + i (i < 64) and 128 c + 64 + i the low and high nibble
@@ -28,6 +36,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <string>
 #include <vector>
 
 namespace {
@@ -39,6 +48,13 @@ constexpr int64_t kPacked = kGroup * kTile / 2;  // nibble bytes per (tile, grou
 constexpr int64_t kUnpacked = kGroup * kTile;    // code bytes per (tile, group)
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__)
+#define Q4_AMX_TILES 1
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q4_AMX_VNNI 1
+#endif
+
+#if defined(Q4_AMX_TILES) || defined(Q4_AMX_VNNI)
 constexpr bool kBuilt = true;
 
 struct TileConfig {
@@ -49,6 +65,7 @@ struct TileConfig {
   uint8_t rows[16];
 };
 
+#if defined(Q4_AMX_TILES)
 // Linux hands out the AMX register state only to processes that ask (arch_prctl).
 bool amx_permitted() {
   static const bool permitted = [] {
@@ -75,6 +92,9 @@ void configure_tiles() {
   }
   _tile_loadconfig(&config);
 }
+#else
+bool amx_permitted() { return false; }
+#endif
 
 inline __m512 load_floats(const float* p) { return _mm512_loadu_ps(p); }
 
@@ -86,7 +106,15 @@ inline __m512 load_floats(const at::BFloat16* p) {  // bf16: the top half of an 
 inline void store_floats(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 
 inline void store_floats(at::BFloat16* p, __m512 v) {  // round to nearest even, as torch
+#if defined(__AVX512BF16__)
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+#else  // the same rounding in integer ops (finite values: these are sums of finite products)
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16)));
+#endif
 }
 
 // Rows [0, m_rows) of x -> a (int8), with each group's xs and exact sum.
@@ -123,6 +151,7 @@ void unpack_tile(const uint8_t* packed, int64_t groups, uint8_t* codes) {
   }
 }
 
+#if defined(Q4_AMX_TILES)
 // One group's int32 sums of 16 activation rows by 16 outputs, stored to `c_tile`. Two
 // register sets (C, A, B = tmm0-2 or tmm3-5) let one group's tile multiply run while the
 // vector units scale the previous group's. (A macro: the intrinsics take literal registers.)
@@ -195,6 +224,68 @@ void tile_all_rows(const int8_t* a, const float* xs, const float* sx, const uint
 #undef TILE_ROWS
 }
 
+#endif  // Q4_AMX_TILES
+
+#if defined(Q4_AMX_VNNI)
+// Rows [m0, m0 + R) against one tile, every group, with VPDPBUSD: per group the 8 B rows
+// (inputs 4j..4j+3 of 16 outputs) stay in registers for all R rows, each row's 4 int8
+// activations broadcast against them. Rows past the batch are the zero padding of `a`
+// (their xs and sums zero); only the first `rows` are stored.
+template <int R, typename T>
+void vnni_tile_rows(const int8_t* a, const float* xs, const float* sx, const uint8_t* codes,
+                    const float* scales, const float* offsets, T* out, int64_t k, int64_t n,
+                    int64_t tile, int64_t m0, int64_t rows) {
+  const int64_t groups = k / kGroup;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* cg = codes + g * kUnpacked;
+    __m512i b[kGroup / 4];
+    for (int j = 0; j < kGroup / 4; ++j) b[j] = _mm512_load_si512(cg + 64 * j);
+    const __m512 d = _mm512_loadu_ps(scales + g * kTile);
+    const __m512 o = _mm512_loadu_ps(offsets + g * kTile);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* ar = a + (m0 + r) * k + g * kGroup;
+      __m512i dot = _mm512_setzero_si512();
+      for (int j = 0; j < kGroup / 4; ++j) {
+        int32_t four;  // activations 4j..4j+3 of this row, as one lane to broadcast
+        __builtin_memcpy(&four, ar + 4 * j, sizeof(four));
+        dot = _mm512_dpbusd_epi32(dot, b[j], _mm512_set1_epi32(four));
+      }
+      // scale_group's arithmetic, in its order: the AMX path's results bit for bit
+      const int64_t at = (m0 + r) * groups + g;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xs[at])),
+                               acc[r]);
+      acc[r] = _mm512_fmadd_ps(o, _mm512_set1_ps(sx[at]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R && r < rows; ++r) store_floats(out + (m0 + r) * n + tile * kTile, acc[r]);
+}
+
+template <typename T>
+void vnni_tile_all_rows(const int8_t* a, const float* xs, const float* sx, const uint8_t* codes,
+                        const float* scales, const float* offsets, T* out, int64_t m_rows,
+                        int64_t k, int64_t n, int64_t tile) {
+#define VNNI_ROWS(R, rows) \
+  vnni_tile_rows<R>(a, xs, sx, codes, scales, offsets, out, k, n, tile, m, rows)
+  constexpr int64_t kBlock = 8;  // rows per pass: 8 B rows + 8 sums + 8 accumulators in zmm
+  int64_t m = 0;
+  for (; m + kBlock <= m_rows; m += kBlock) VNNI_ROWS(8, kBlock);
+  const int64_t left = m_rows - m;
+  if (left == 0) return;
+  if (left <= 1) {
+    VNNI_ROWS(1, left);
+  } else if (left <= 2) {
+    VNNI_ROWS(2, left);
+  } else if (left <= 4) {
+    VNNI_ROWS(4, left);
+  } else {
+    VNNI_ROWS(8, left);
+  }
+#undef VNNI_ROWS
+}
+#endif  // Q4_AMX_VNNI
+
 template <typename T>
 void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
          const at::Tensor& offsets, at::Tensor& out) {
@@ -213,18 +304,32 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
   const float* sp = scales.data_ptr<float>();
   const float* op = offsets.data_ptr<float>();
   T* outp = out.data_ptr<T>();
+  const bool tiles_here = amx_permitted();
+  (void)tiles_here;  // unread where only the VNNI path is built
   at::parallel_for(0, tiles, 4, [&](int64_t begin, int64_t end) {
-    configure_tiles();
     std::vector<uint8_t> buffer(groups * kUnpacked + 2 * kRows * kTile * 4 + 64);
     uint8_t* codes = reinterpret_cast<uint8_t*>(
         (reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
-    int32_t* c_tiles = reinterpret_cast<int32_t*>(codes + groups * kUnpacked);
+#if defined(Q4_AMX_TILES)
+    if (tiles_here) {
+      configure_tiles();
+      int32_t* c_tiles = reinterpret_cast<int32_t*>(codes + groups * kUnpacked);
+      for (int64_t t = begin; t < end; ++t) {
+        unpack_tile(pp + t * groups * kPacked, groups, codes);
+        const int64_t at = t * groups * kTile;
+        tile_all_rows(ap, xsp, sxp, codes, sp + at, op + at, outp, m_rows, k, n, t, c_tiles);
+      }
+      _tile_release();
+      return;
+    }
+#endif
+#if defined(Q4_AMX_VNNI)
     for (int64_t t = begin; t < end; ++t) {
       unpack_tile(pp + t * groups * kPacked, groups, codes);
       const int64_t at = t * groups * kTile;
-      tile_all_rows(ap, xsp, sxp, codes, sp + at, op + at, outp, m_rows, k, n, t, c_tiles);
+      vnni_tile_all_rows(ap, xsp, sxp, codes, sp + at, op + at, outp, m_rows, k, n, t);
     }
-    _tile_release();
+#endif
   });
 }
 #else
@@ -232,11 +337,23 @@ constexpr bool kBuilt = false;
 bool amx_permitted() { return false; }
 #endif
 
-bool q4_amx_available() { return kBuilt && amx_permitted(); }
+// Which instructions run the kernel here: "amx", "avx512_vnni", or "" (none: not available).
+std::string q4_amx_isa() {
+#if defined(Q4_AMX_TILES)
+  if (amx_permitted()) return "amx";
+#endif
+#if defined(Q4_AMX_VNNI)
+  return "avx512_vnni";
+#else
+  return "";
+#endif
+}
+
+bool q4_amx_available() { return kBuilt && !q4_amx_isa().empty(); }
 
 at::Tensor q4_amx_linear(const at::Tensor& x_in, const at::Tensor& packed_in,
                          const at::Tensor& scales_in, const at::Tensor& offsets_in) {
-  TORCH_CHECK(q4_amx_available(), "q4_amx_linear: no AMX int8 here");
+  TORCH_CHECK(q4_amx_available(), "q4_amx_linear: neither AMX int8 nor AVX-512 VNNI here");
   TORCH_CHECK(x_in.dim() == 2, "q4_amx_linear: x must be [M, K]");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
               "q4_amx_linear: x must be float32 or bfloat16");
@@ -254,7 +371,7 @@ at::Tensor q4_amx_linear(const at::Tensor& x_in, const at::Tensor& packed_in,
   }
   at::Tensor out = at::empty({m_rows, tiles * kTile}, x_in.options());
   if (m_rows == 0) return out;
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__)
+#if defined(Q4_AMX_TILES) || defined(Q4_AMX_VNNI)
   const at::Tensor x = x_in.contiguous(), packed = packed_in.contiguous();
   const at::Tensor scales = scales_in.contiguous(), offsets = offsets_in.contiguous();
   if (x.scalar_type() == at::kFloat) {
@@ -270,6 +387,7 @@ at::Tensor q4_amx_linear(const at::Tensor& x_in, const at::Tensor& packed_in,
 
 TORCH_LIBRARY_FRAGMENT(inferos, m) {
   m.def("q4_amx_available() -> bool", &q4_amx_available);
+  m.def("q4_amx_isa() -> str", &q4_amx_isa);
   m.def("q4_amx_linear(Tensor x, Tensor packed, Tensor scales, Tensor offsets) -> Tensor");
 }
 
