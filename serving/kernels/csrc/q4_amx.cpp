@@ -36,6 +36,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -324,10 +325,18 @@ void run(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales
     }
 #endif
 #if defined(Q4_AMX_VNNI)
-    for (int64_t t = begin; t < end; ++t) {
-      unpack_tile(pp + t * groups * kPacked, groups, codes);
-      const int64_t at = t * groups * kTile;
-      vnni_tile_all_rows(ap, xsp, sxp, codes, sp + at, op + at, outp, m_rows, k, n, t);
+    // Rows in panels: every tile re-reads a panel's int8 activations, which must stay in
+    // the core's L2 (512 rows of a 1536-input layer are 768 KB); a tile's codes are
+    // unpacked again per panel, a small cost against the panel's multiplies.
+    constexpr int64_t kPanel = 128;
+    for (int64_t m0 = 0; m0 < m_rows; m0 += kPanel) {
+      const int64_t rows = std::min(kPanel, m_rows - m0);
+      for (int64_t t = begin; t < end; ++t) {
+        unpack_tile(pp + t * groups * kPacked, groups, codes);
+        const int64_t at = t * groups * kTile;
+        vnni_tile_all_rows(ap + m0 * k, xsp + m0 * groups, sxp + m0 * groups, codes, sp + at,
+                           op + at, outp + m0 * n, rows, k, n, t);
+      }
     }
 #endif
   });
