@@ -249,6 +249,13 @@ def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
     for m in layers:
         m.max_int4_tokens = known[keys[shape_of(m)]]
     logger.info(
-        "int4 path up to %s tokens per shape",
+        "int4 path up to %s tokens per shape (kernels: %s)",
         {f"{n}x{k} g{g}": known[key] for (n, k, g), key in keys.items()},
+        {f"{n}x{k} g{g}": _kernel_name(g, dtype) for n, k, g in keys},
     )
+
+
+def _kernel_name(group_size: int, dtype: torch.dtype) -> str:
+    """The int4 kernel a shape runs, with the instructions behind W4A8 (AMX or VNNI)."""
+    kernel = kernel_for(group_size, dtype)
+    return f"w4a8 on {q4_amx.isa()}" if kernel == "w4a8" else kernel
