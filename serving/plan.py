@@ -29,11 +29,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # GGUF-grid weights, which the plan cannot see from the folder, so it counts them as there.
 # The int4 codes a byte each (`serving/kernels/q4_linear.py`) and int4's qkv at int8 added
 # 0.245 (auto) and 0.208 (int4) of the bf16 bytes (`memory.tensor_bytes` of the loaded
-# model before and after, 2026-12-06). On a CPU with AMX the int4 layers keep nibble packs
-# for the AMX kernel beside the byte codes (`serving/models/int4.py`, EXACT_ROWS): +0.196
-# (auto) and +0.165 (int4) of the bf16 bytes more (nibbles a quarter of bf16's bytes, over
-# the int4 layers' share; the scales are shared). The exact kernel's codes have since gone
-# to two a byte (half of the byte codes' share above): the figures are upper bounds now.
+# model before and after, 2026-12-06). On a CPU with AMX (or, since, AVX-512 VNNI) the int4
+# layers keep nibble packs for the W4A8 kernel beside the byte codes
+# (`serving/models/int4.py`, EXACT_ROWS): +0.196 (auto) and +0.165 (int4) of the bf16 bytes
+# more (nibbles a quarter of bf16's bytes, over the int4 layers' share; the scales are
+# shared). The exact kernel's codes have since gone to two a byte (half of the byte codes'
+# share above): the figures are upper bounds now.
 FORMAT_EXTRA = {"bf16": 0.0, "auto": 0.81, "int8": 0.56, "int4": 0.74}
 WORKSPACE_FLOATS_PER_TOKEN = 16  # hidden-size multiples alive in one layer of one step
 FITS_FRACTION = 0.9  # of the available memory: the OS, Ray and the ingress need the rest

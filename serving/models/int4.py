@@ -5,8 +5,7 @@ dequantized from Q4_1 lie exactly on a 16-level grid per group of 32 inputs
 (`w = min + q * (max - min) / 15`), so they can be packed back into 4 bits and multiplied
 with our W4A8 kernel where the CPU has AMX int8 or AVX-512 VNNI (`serving/kernels/q4_amx.py`:
 codes as nibbles, activations quantized to int8 per group of 32 as llama.cpp does), else our
-vector
-kernel (`serving/kernels/q4_linear.py`: codes two a byte, fp32 scales and offsets, so
+vector kernel (`serving/kernels/q4_linear.py`: codes two a byte, fp32 scales and offsets, so
 exactly the GGUF's weights), or torch's int4 CPU kernel where neither can be built (bf16
 scales). A kernel loses to dense bf16 matmul once the batch is compute-bound, so each layer
 keeps both and picks by the number of tokens in the step.
