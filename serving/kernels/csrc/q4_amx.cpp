@@ -38,6 +38,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -152,6 +153,29 @@ void unpack_tile(const uint8_t* packed, int64_t groups, uint8_t* codes) {
   }
 }
 
+// Rows [0, m_rows) in full blocks of kBlock, then what is left in one pass of the smallest
+// of 1, 2, 4, 8 (or kBlock) rows that covers it: `pass(std::integral_constant<int, R>, m0,
+// rows)` runs rows [m0, m0 + rows) with R >= rows, so each kernel's row count is a
+// compile-time constant (its accumulators stay in registers).
+template <int kBlock, typename Pass>
+void for_row_blocks(int64_t m_rows, Pass&& pass) {
+  int64_t m = 0;
+  for (; m + kBlock <= m_rows; m += kBlock) pass(std::integral_constant<int, kBlock>{}, m, kBlock);
+  const int64_t left = m_rows - m;
+  if (left == 0) return;
+  if (left <= 1) {
+    pass(std::integral_constant<int, 1>{}, m, left);
+  } else if (left <= 2) {
+    pass(std::integral_constant<int, 2>{}, m, left);
+  } else if (left <= 4) {
+    pass(std::integral_constant<int, 4>{}, m, left);
+  } else if (kBlock > 8 && left <= 8) {
+    pass(std::integral_constant<int, 8>{}, m, left);
+  } else {
+    pass(std::integral_constant<int, kBlock>{}, m, left);
+  }
+}
+
 #if defined(Q4_AMX_TILES)
 // One group's int32 sums of 16 activation rows by 16 outputs, stored to `c_tile`. Two
 // register sets (C, A, B = tmm0-2 or tmm3-5) let one group's tile multiply run while the
@@ -205,24 +229,10 @@ template <typename T>
 void tile_all_rows(const int8_t* a, const float* xs, const float* sx, const uint8_t* codes,
                    const float* scales, const float* offsets, T* out, int64_t m_rows, int64_t k,
                    int64_t n, int64_t tile, int32_t* c_tiles) {
-#define TILE_ROWS(R, rows) \
-  tile_rows<R>(a, xs, sx, codes, scales, offsets, out, k, n, tile, m, rows, c_tiles)
-  int64_t m = 0;
-  for (; m + kRows <= m_rows; m += kRows) TILE_ROWS(16, kRows);
-  const int64_t left = m_rows - m;
-  if (left == 0) return;
-  if (left <= 1) {
-    TILE_ROWS(1, left);
-  } else if (left <= 2) {
-    TILE_ROWS(2, left);
-  } else if (left <= 4) {
-    TILE_ROWS(4, left);
-  } else if (left <= 8) {
-    TILE_ROWS(8, left);
-  } else {
-    TILE_ROWS(16, left);
-  }
-#undef TILE_ROWS
+  for_row_blocks<kRows>(m_rows, [&](auto r, int64_t m0, int64_t rows) {
+    tile_rows<decltype(r)::value>(a, xs, sx, codes, scales, offsets, out, k, n, tile, m0, rows,
+                                  c_tiles);
+  });
 }
 
 #endif  // Q4_AMX_TILES
@@ -267,23 +277,11 @@ template <typename T>
 void vnni_tile_all_rows(const int8_t* a, const float* xs, const float* sx, const uint8_t* codes,
                         const float* scales, const float* offsets, T* out, int64_t m_rows,
                         int64_t k, int64_t n, int64_t tile) {
-#define VNNI_ROWS(R, rows) \
-  vnni_tile_rows<R>(a, xs, sx, codes, scales, offsets, out, k, n, tile, m, rows)
-  constexpr int64_t kBlock = 8;  // rows per pass: 8 B rows + 8 sums + 8 accumulators in zmm
-  int64_t m = 0;
-  for (; m + kBlock <= m_rows; m += kBlock) VNNI_ROWS(8, kBlock);
-  const int64_t left = m_rows - m;
-  if (left == 0) return;
-  if (left <= 1) {
-    VNNI_ROWS(1, left);
-  } else if (left <= 2) {
-    VNNI_ROWS(2, left);
-  } else if (left <= 4) {
-    VNNI_ROWS(4, left);
-  } else {
-    VNNI_ROWS(8, left);
-  }
-#undef VNNI_ROWS
+  // 8 rows per pass: 8 B rows + 8 sums + 8 accumulators in zmm registers
+  for_row_blocks<8>(m_rows, [&](auto r, int64_t m0, int64_t rows) {
+    vnni_tile_rows<decltype(r)::value>(a, xs, sx, codes, scales, offsets, out, k, n, tile, m0,
+                                       rows);
+  });
 }
 #endif  // Q4_AMX_VNNI
 
