@@ -232,9 +232,9 @@ def use_measured_int4(model: nn.Module, dtype: torch.dtype, cap: int) -> None:
         return cap if kernel_for(group, dtype) == "w4a8" else min(cap, NON_AMX_MAX_ROWS)
 
     def key(n: int, k: int, group: int) -> str:
-        # v7: buckets to 64, over every layer of the shape; our kernels (group 32) or
-        # torch's, against the prepacked dense path, caches cold; other groups
-        # (`model.weights: int4`) are measured apart
+        # v7: buckets up to the cap, which is in the key (a new cap measures again), over
+        # every layer of the shape; our kernels (group 32) or torch's, against the
+        # prepacked dense path, caches cold; other groups (`model.weights: int4`) apart
         group_tag = "" if group == GROUP_SIZE else f" g{group}"
         kernel = kernel_for(group, dtype)
         return f"int4 tokens<={cap_for(group)}{group_tag} {kernel} v7|" + cache_key(dtype, n, k)

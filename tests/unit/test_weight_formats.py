@@ -108,8 +108,8 @@ def test_int4_layer_equals_the_dequantized_matmul(group: int) -> None:
     x = torch.randn(3, 192, dtype=torch.bfloat16)
     ref = _reference(x, deq, None)
     # the kernel: bf16 activations (exact here) and bf16 output rounding, nothing more; the
-    # AMX kernel (group 32, on a CPU with AMX) rounds activations to int8 per group of 32 as
-    # well, each by up to 1/254 of its group's max (tests/unit/test_q4_amx_kernel.py checks
+    # W4A8 kernel (group 32, on a CPU with AMX or VNNI) rounds activations to int8 per group
+    # of 32 as well, each by up to 1/254 of its group's max (tests/unit/test_q4_amx_kernel.py checks
     # that rounding exactly)
     tolerance = 0.02 if layer.kernel == "w4a8" and layer.codes_exact is None else 0.01
     assert (layer(x).float() - ref).abs().max() <= tolerance * ref.abs().max()
@@ -140,9 +140,9 @@ def test_int8_layer_equals_the_dequantized_matmul() -> None:
 VOCAB = 256
 # ‖logits − reference‖ / ‖reference‖ over every decode step of the bf16 model (kernels for
 # the decode steps). Against the fp32 model on the same (dequantized) weights: only bf16
-# rounding, measured 1.5 %; a wrong scale, zero or layout is off by 100 % or more. The AMX
-# int4 kernel (a bf16 model's int4 layers on a CPU with AMX, above `EXACT_ROWS` rows, or at
-# every size where the exact kernel is missing) rounds activations to int8 per group of 32
+# rounding, measured 1.5 %; a wrong scale, zero or layout is off by 100 % or more. The W4A8
+# int4 kernel (a bf16 model's int4 layers on a CPU with AMX or VNNI, above `EXACT_ROWS` rows,
+# or at every size where the exact kernel is missing) rounds activations to int8 per group of 32
 # as well, as llama.cpp does: 3.8 % on these random weights (+1.1 % perplexity on SmolLM2
 # where every step runs it, benchmarks/results/2026-12-06/int4-amx).
 SAME_WEIGHTS_TOL = 0.03
@@ -219,7 +219,7 @@ def test_tiny_llama_in_every_format_is_close_to_fp32(tiny_folder: Path, weights:
     same_weights = _decode_logits(
         load_model(tiny_folder, torch.float32, weights=weights), torch.float32
     )
-    amx = any(  # the AMX kernel with no exact kernel for small steps beside it
+    amx = any(  # the W4A8 kernel with no exact kernel for small steps beside it
         m.kernel == "w4a8" and m.codes_exact is None
         for m in model.modules()
         if type(m) is HybridInt4Linear
